@@ -1,0 +1,3 @@
+from cfedit.cli import main
+
+main()
