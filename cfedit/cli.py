@@ -1,9 +1,248 @@
-"""The command line: a thin Typer shell over the library. Parses, calls, prints."""
+"""The command line: a thin Typer shell over the library. Parses, calls, prints.
+
+Every error a user can cause is printed as one line ``cfedit: error: <what and where>`` on stderr
+with exit status 2; a run that fails for other reasons exits 1. Set CFEDIT_DEBUG=1 for tracebacks.
+"""
+
 from __future__ import annotations
 
-import typer
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
 
-app = typer.Typer(add_completion=False, no_args_is_help=True)
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Causal counterfactual image editing with optimal bounds (the ANCM method).",
+)
+graph_app = typer.Typer(no_args_is_help=True, help="Inspect causal graph files.")
+data_app = typer.Typer(no_args_is_help=True, help="Generate datasets with known causal ground truth.")
+app.add_typer(graph_app, name="graph")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err_console = Console(stderr=True)
+
+
+class UsageFailure(Exception):
+    """A bad input found by the CLI itself (exit 2)."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from cfedit.graph import GraphError
+    from cfedit.query import QueryError
+
+    types: list[type[BaseException]] = [GraphError, QueryError, UsageFailure]
+    for mod, name in (("cfedit.bounds", "BoundsError"), ("cfedit.checkpoint", "CheckpointError"),
+                      ("cfedit.data", "DataError")):
+        if mod in sys.modules and hasattr(sys.modules[mod], name):
+            types.append(getattr(sys.modules[mod], name))
+    return tuple(types)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"cfedit: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn library errors into one-line messages and exit codes (2: bad input, 1: failed run)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as e:  # noqa: BLE001 - the boundary between library and user
+            if os.environ.get("CFEDIT_DEBUG"):
+                raise
+            if isinstance(e, _user_error_types()):
+                fail(str(e), 2)
+            if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+                fail(f"{e.filename}: {e.strerror}", 2)
+            fail(f"{type(e).__name__}: {e}", 1)
+
+    return wrapper
+
+
+def _not_built(command: str, issue: str) -> None:
+    fail(f"'cfedit {command}' is not built yet ({issue}); see the README for what works today", 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# graph
+# ----------------------------------------------------------------------------------------------
+
+
+@graph_app.command("show")
+@handles_errors
+def graph_show(
+    file: str = typer.Argument(..., help="Graph file, or the name of a shipped graph (backdoor, frontdoor)."),
+    format: str = typer.Option("text", "--format", "-f", help="text | mermaid | dot | json"),
+) -> None:
+    """Print a graph's variables, edges and derived structure, or export its diagram."""
+    from cfedit.graph import load_graph
+
+    g = load_graph(file)
+    if format == "mermaid":
+        sys.stdout.write(g.to_mermaid())
+        return
+    if format == "dot":
+        sys.stdout.write(g.to_dot())
+        return
+    if format == "json":
+        d = g.to_dict()
+        d["derived"] = {
+            "topological_order": list(g.names),
+            "parents": {v: list(g.parents(v)) for v in g.names},
+            "c_components": [list(c) for c in g.c_components()],
+            "bidirected_cliques": [list(c) for c in g.bidirected_cliques()],
+            "structure_hash": g.structure_hash(),
+        }
+        sys.stdout.write(json.dumps(d, indent=2) + "\n")
+        return
+    if format != "text":
+        raise UsageFailure(f"--format: unknown format {format!r} (text, mermaid, dot, json)")
+    from rich.table import Table
+
+    out.print(f"[bold]{g.name}[/bold]  {g.description}")
+    t = Table(show_header=True, header_style="bold")
+    for col in ("variable", "values", "parents", "descendants", "confounded with"):
+        t.add_column(col)
+    for v in g.variables:
+        t.add_row(v.name, ", ".join(v.values), ", ".join(g.parents(v.name)) or "-",
+                  ", ".join(g.descendants(v.name)) or "-", ", ".join(g.spouses(v.name)) or "-")
+    out.print(t)
+    out.print(f"topological order: {' -> '.join(g.names)}")
+    out.print("c-components: " + "  ".join("{" + ", ".join(c) + "}" for c in g.c_components()))
+    cliques = g.bidirected_cliques()
+    out.print("bidirected cliques (one shared noise each): "
+              + ("  ".join("{" + ", ".join(c) + "}" for c in cliques) if cliques else "none"))
+    out.print(f"image: {g.image.channels}x{g.image.size}x{g.image.size}, child of every factor")
+    if g.data:
+        out.print(f"data: {json.dumps(g.data)}")
+    for name, q in g.queries.items():
+        out.print(f"query {name}: {q}", markup=False, highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# bounds
+# ----------------------------------------------------------------------------------------------
+
+
+def observational_distribution(graph, data: Optional[Path]):
+    """P(V) for bounds: from --data labels.csv (empirical), else the graph's own data source."""
+    from cfedit.features import as_pv
+    from cfedit.scm import scm_for_graph
+
+    if data is not None:
+        from cfedit.data import load_labels
+
+        return as_pv(graph, load_labels(graph, data)), f"empirical, {data}"
+    scm = scm_for_graph(graph)
+    if scm is not None:
+        return scm.joint(), f"exact, built-in SCM {graph.data}"
+    if graph.data:
+        from cfedit.data import dataset_for_graph
+
+        ds = dataset_for_graph(graph, split="train")
+        return ds.pv(), f"empirical, {graph.data}"
+    raise UsageFailure(f"{graph.source}: the graph has no 'data:' entry; give --data labels.csv")
+
+
+@app.command()
+@handles_errors
+def bounds(
+    graph: str = typer.Option(..., "--graph", "-g", help="Graph file or shipped graph name."),
+    query: Optional[List[str]] = typer.Option(None, "--query", "-q", help='A query, e.g. "P(bar_{color=red}=yes | digit=3)". Repeatable. Default: the graph\'s named queries.'),
+    data: Optional[Path] = typer.Option(None, "--data", help="labels.csv with one column per variable (empirical P(V))."),
+    method: str = typer.Option("exact", "--method", help="exact | ncm (trains NCM max/min models and shows both)"),
+    seed: int = typer.Option(0, "--seed", help="Seed for the NCM route."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Optimal (sharp) bounds of counterfactual queries given the graph and P(V)."""
+    from cfedit.bounds import compute_bounds
+    from cfedit.graph import load_graph
+    from cfedit.query import parse_query
+    from cfedit.scm import scm_for_graph
+
+    if method not in ("exact", "ncm"):
+        raise UsageFailure(f"--method: unknown method {method!r} (exact, ncm)")
+    g = load_graph(graph)
+    named = [(None, q) for q in query] if query else list(g.queries.items())
+    if not named:
+        raise UsageFailure(f"{g.source}: the graph names no queries; give --query \"P(...)\"")
+    parsed = [(name, parse_query(text).validate(g)) for name, text in named]
+    pv, pv_source = observational_distribution(g, data)
+    truth = scm_for_graph(g) if data is None else None
+
+    rows = []
+    for name, q in parsed:
+        b = compute_bounds(g, pv, q)
+        row = {"name": name, "query": str(q), "lower": b.lower, "upper": b.upper, "method": b.method,
+               "certified": b.certified, "seconds": b.seconds}
+        if truth is not None:
+            row["true"] = truth.prob(q)
+        if method == "ncm":
+            from cfedit.ncm import ncm_bounds
+
+            nb = ncm_bounds(g, pv, q, seed=seed)
+            row.update(ncm_lower=nb.lower, ncm_upper=nb.upper, ncm_seconds=nb.seconds)
+        rows.append(row)
+
+    if as_json:
+        sys.stdout.write(json.dumps({"graph": g.name, "pv": pv_source, "bounds": rows}, indent=2) + "\n")
+        return
+    from rich.table import Table
+
+    t = Table(title=f"Optimal bounds — graph {g.name}, P(V) {pv_source}", header_style="bold")
+    t.add_column("name")
+    t.add_column("query", overflow="fold")
+    for col in ("lower", "upper") + (("true",) if truth is not None else ()) + (
+            ("ncm lower", "ncm upper") if method == "ncm" else ()):
+        t.add_column(col, justify="right")
+    t.add_column("certified")
+    t.add_column("ms", justify="right")
+    for r in rows:
+        cells = [r["name"] or "-", r["query"], f"{r['lower']:.4f}", f"{r['upper']:.4f}"]
+        if truth is not None:
+            cells.append(f"{r['true']:.4f}")
+        if method == "ncm":
+            cells += [f"{r['ncm_lower']:.4f}", f"{r['ncm_upper']:.4f}"]
+        cells += ["yes" if r["certified"] else "no (outer bound)", f"{1000 * r['seconds']:.1f}"]
+        t.add_row(*cells)
+    out.print(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# commands filled in by later work
+# ----------------------------------------------------------------------------------------------
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def fit(ctx: typer.Context) -> None:
+    """Train the feature model, image mechanism and labeller on a graph's data (not built yet)."""
+    _not_built("fit", "the ANCM editing issue")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def edit(ctx: typer.Context) -> None:
+    """Edit images counterfactually, e.g. --set color=red (not built yet)."""
+    _not_built("edit", "the ANCM editing issue")
+
+
+@app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def evaluate(ctx: typer.Context) -> None:
+    """Measure ctf-consistency of editors against optimal bounds (not built yet)."""
+    _not_built("eval", "the eval issue")
 
 
 def main() -> None:

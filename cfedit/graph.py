@@ -130,6 +130,9 @@ class CausalGraph:
         order = list(nx.lexicographical_topological_sort(dag, key=lambda n: rank[n]))
         by_name = {v.name: v for v in self.variables}
         object.__setattr__(self, "variables", tuple(by_name[n] for n in order))
+        # Bidirected pairs are unordered; store each in topological order so printing is stable.
+        pos = {n: i for i, n in enumerate(order)}
+        object.__setattr__(self, "confounders", tuple(tuple(sorted(p, key=pos.__getitem__)) for p in self.confounders))
         object.__setattr__(self, "_dag", dag)
 
     # -- basic access ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ Errors are :class:`QueryError` with the position (1-based column) of the offendi
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -36,7 +36,11 @@ class Term:
     variable: str
     value: str
     interventions: tuple[tuple[str, str], ...] = ()
-    column: int = 0  # where it was written, for error messages (not part of equality)
+    # Where each part was written (1-based columns), for error messages; not part of equality:
+    # the variable, the value, and (variable, value) of each intervention.
+    column: int = 0
+    value_column: int = 0
+    intervention_columns: tuple[tuple[int, int], ...] = ()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Term):
@@ -65,6 +69,7 @@ class Term:
 class Query:
     targets: tuple[Term, ...]
     evidence: tuple[Term, ...] = ()
+    text: str = field(default="", compare=False)  # as the user wrote it (error positions refer to it)
 
     def __str__(self) -> str:
         inner = ", ".join(map(str, self.targets))
@@ -87,20 +92,21 @@ class Query:
 
     def validate(self, graph: "CausalGraph") -> "Query":
         """Check names, values and consistency against ``graph``; return self for chaining."""
-        text = str(self)
+        text = self.text or str(self)
 
-        def check(var: str, value: str, column: int) -> None:
+        def check(var: str, value: str, column: int, value_column: int) -> None:
             if var not in graph:
                 raise QueryError(f"unknown variable {var!r} (known: {', '.join(graph.names)})", text, column)
             if value not in graph[var].values:
                 raise QueryError(
-                    f"{value!r} is not a value of {var!r} ({', '.join(graph[var].values)})", text, column
+                    f"{value!r} is not a value of {var!r} ({', '.join(graph[var].values)})", text, value_column
                 )
 
         for t in self.targets + self.evidence:
-            check(t.variable, t.value, t.column)
-            for x, v in t.interventions:
-                check(x, v, t.column)
+            check(t.variable, t.value, t.column, t.value_column)
+            cols = t.intervention_columns or ((t.column, t.column),) * len(t.interventions)
+            for (x, v), (cx, cv) in zip(t.interventions, cols):
+                check(x, v, cx, cv)
             if t.variable in t.do:
                 raise QueryError(f"term {t} intervenes on its own variable", text, t.column)
         seen: dict[tuple, str] = {}
@@ -158,30 +164,32 @@ def parse_query(text: str) -> Query:
         i += 1
         return k, t, c
 
-    def assignment() -> tuple[str, str, int]:
+    def assignment() -> tuple[str, str, int, int]:
         _, var, col = take(kind="name")
         take("=")
-        _, val, _ = take(kind="name")
-        return var, val, col
+        _, val, vcol = take(kind="name")
+        return var, val, col, vcol
 
     def term() -> Term:
         _, var, col = take(kind="name")
         interventions: list[tuple[str, str]] = []
+        columns: list[tuple[int, int]] = []
         if peek()[:2] == ("sym", "_{"):
             take("_{")
             while True:
-                x, v, c = assignment()
+                x, v, c, vc = assignment()
                 if any(x == y for y, _ in interventions):
                     raise QueryError(f"{x!r} is intervened on twice", text, c)
                 interventions.append((x, v))
+                columns.append((c, vc))
                 if peek()[:2] == ("sym", ","):
                     take(",")
                     continue
                 take("}")
                 break
         take("=")
-        _, val, _ = take(kind="name")
-        return Term(var, val, tuple(interventions), col)
+        _, val, vcol = take(kind="name")
+        return Term(var, val, tuple(interventions), col, vcol, tuple(columns))
 
     def term_list() -> list[Term]:
         out = [term()]
@@ -204,7 +212,7 @@ def parse_query(text: str) -> Query:
     k, t, c = peek()
     if k != "end":
         raise QueryError(f"unexpected {t!r} after the closing parenthesis", text, c)
-    return Query(tuple(targets), tuple(evidence))
+    return Query(tuple(targets), tuple(evidence), text)
 
 
 def parse_assignments(text: str, what: str = "--set") -> dict[str, str]:
