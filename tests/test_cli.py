@@ -1,0 +1,49 @@
+"""The CLI shell: exit codes, one-line errors, JSON output, subcommands."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from cfedit.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_graph_show_text_and_exports():
+    r = run("graph", "show", "backdoor")
+    assert r.exit_code == 0, r.output
+    assert "c-components: {digit, color}  {bar}" in r.output
+    r = run("graph", "show", "graphs/frontdoor.yaml", "--format", "mermaid")
+    assert r.exit_code == 0 and r.output.startswith("graph TD")
+    r = run("graph", "show", "frontdoor", "--format", "json")
+    assert json.loads(r.output)["derived"]["c_components"] == [["digit", "bar"], ["color"]]
+
+
+def test_bad_graph_is_one_line_exit_2(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("variables:\n  a: [x, y]\nedges:\n  - a -> b\n")
+    r = run("graph", "show", p)
+    assert r.exit_code == 2
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cfedit: error: ") and "unknown variable 'b'" in lines[0]
+    r = run("graph", "show", p, "--format", "svg")
+    assert r.exit_code == 2
+
+
+def test_unbuilt_commands_say_so():
+    for cmd in ("eval",):
+        r = run(cmd)
+        assert r.exit_code == 1 and "not built yet" in r.output
+
+
+def test_python_dash_m_works():
+    r = subprocess.run([sys.executable, "-m", "cfedit", "graph", "show", "backdoor", "--format", "dot"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith('digraph "backdoor"')
