@@ -134,6 +134,37 @@ def graph_show(
 
 
 # ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+
+MNIST_ROOT_HELP = "Folder with MNIST in torchvision's layout (default: $CFEDIT_DATA, else a user cache, downloaded when missing)."
+
+
+@data_app.command("barmnist")
+@handles_errors
+def data_barmnist(
+    setting: str = typer.Argument(..., help="backdoor | frontdoor"),
+    n: int = typer.Option(1000, "--n", min=1, help="Number of images."),
+    split: str = typer.Option("train", "--split", help="train | test (MNIST exemplars of that split)"),
+    seed: int = typer.Option(0, "--seed"),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the PNGs, labels.csv, exogenous.csv, grid.png."),
+    force: bool = typer.Option(False, "--force", help="Overwrite what an earlier run wrote into --out."),
+    mnist_root: Optional[Path] = typer.Option(None, "--mnist-root", help=MNIST_ROOT_HELP),
+) -> None:
+    """Write Colored-MNIST-with-bars images with their factors and exogenous noise."""
+    from cfedit.data import write_barmnist
+
+    if setting not in ("backdoor", "frontdoor"):
+        raise UsageFailure(f"unknown setting {setting!r} (backdoor, frontdoor)")
+    if split not in ("train", "test"):
+        raise UsageFailure(f"--split: unknown split {split!r} (train, test)")
+    with out.status(f"writing {n} {setting} images"):
+        s = write_barmnist(setting, n, split=split, seed=seed, out=out_dir, force=force, root=mnist_root)
+    typer.echo(f"wrote {s.n} images to {s.out} in {s.seconds:.1f} s "
+               f"({s.labels.name}, {s.exogenous.name}, {s.grid.name})")
+
+
+# ----------------------------------------------------------------------------------------------
 # bounds
 # ----------------------------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 from cfedit.data import DataError
 from cfedit.data.mnist import load_mnist
 from cfedit.features import as_pv
+from cfedit.imageio import image_grid, png_bytes
 from cfedit.graph import CausalGraph, load_graph
 from cfedit.scm import SCM, builtin_scm
 
@@ -236,30 +236,6 @@ class WriteSummary:
 
 
 _OURS = re.compile(r"^(\d{6,}\.png|labels\.csv|exogenous\.csv|grid\.png)$")
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG bytes of one image uint8 [C, H, W] (C = 1 or 3)."""
-    from PIL import Image
-
-    arr = np.asarray(image)
-    pil = Image.fromarray(arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0)))
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def image_grid(images: np.ndarray, ncol: int = 8, pad: int = 2) -> np.ndarray:
-    """A contact sheet uint8 [C, H', W'] of images [n, C, H, W], ``ncol`` per row."""
-    n, c, h, w = images.shape
-    ncol = max(1, min(ncol, n))
-    nrow = -(-n // ncol)
-    out = np.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), 128, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + q * (w + pad)
-        out[:, y:y + h, x:x + w] = images[i]
-    return out
 
 
 def write_barmnist(setting: str, n: int, split: str = "train", seed: int = 0, out: str | Path = "barmnist",

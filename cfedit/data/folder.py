@@ -32,6 +32,7 @@ import numpy as np
 from cfedit.data import DataError
 from cfedit.data.mnist import default_cache_dir
 from cfedit.features import as_pv
+from cfedit.imageio import ImageReadError, decode_image
 from cfedit.graph import CausalGraph
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -236,17 +237,10 @@ class _Source:
 
 
 def _decode(data: bytes, size: int, channels: int, where: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB" if channels == 3 else "L")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.LANCZOS)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{where}: cannot decode image ({e})") from None
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+        return decode_image(data, size, channels, where)[0]
+    except ImageReadError as e:
+        raise DataError(str(e)) from None
 
 
 _DECODED: dict[str, np.ndarray] = {}

@@ -96,7 +96,8 @@ def _download(root: Path) -> None:
             MNIST(str(root), train=train, download=True)
     except Exception as e:  # network errors come in many types
         raise DataError(
-            f"MNIST not found under {root} and the download failed ({type(e).__name__}: {e}); "
+            f"MNIST not found under {root} and the download failed ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); "
             f"pass --mnist-root DIR or set {ENV_VAR}=DIR to a folder holding MNIST/raw/"
         ) from None
 
