@@ -110,3 +110,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cfedit checkpoint (format {meta.get('format')!r})")
     return Checkpoint(path, tensors, meta)
+
+
+def read_checkpoint_graph(path: str | Path) -> CausalGraph:
+    """The graph stored in a checkpoint, reading only its header (cheap: no tensors are loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return graph_from_dict(json.loads(meta["graph"]), source=f"{path} (embedded graph)")
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a cfedit checkpoint ({e})") from None

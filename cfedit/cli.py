@@ -258,16 +258,173 @@ def bounds(
 # ----------------------------------------------------------------------------------------------
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def fit(ctx: typer.Context) -> None:
-    """Train the feature model, image mechanism and labeller on a graph's data (not built yet)."""
-    _not_built("fit", "the ANCM editing issue")
+def resolve_device(device: str) -> str:
+    """--device auto|cpu|cuda|cuda:N → a torch device string (auto: cuda when available)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise UsageFailure(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UsageFailure(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
+    return device
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def edit(ctx: typer.Context) -> None:
-    """Edit images counterfactually, e.g. --set color=red (not built yet)."""
-    _not_built("edit", "the ANCM editing issue")
+@app.command()
+@handles_errors
+def fit(
+    graph: str = typer.Option(..., "--graph", "-g", help="Graph file or shipped graph name."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Checkpoint to write (default: runs/<graph>-<features>.safetensors)."),
+    features: str = typer.Option("canonical", "--features", help="Feature model: canonical (exact) | ncm | none | conditional | markovian"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs of the image mechanism (default: its default)."),
+    labeller_epochs: Optional[int] = typer.Option(None, "--labeller-epochs", min=1),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="Training images (default: all of the split)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Image folder (or zip) with labels, instead of the graph's data."),
+    mnist_root: Optional[Path] = typer.Option(None, "--mnist-root", help=MNIST_ROOT_HELP),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from <out>.partial."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint."),
+) -> None:
+    """Train the feature model, image mechanism and labeller; write one checkpoint."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from cfedit.ancm import FitOptions, fit_ancm, partial_path
+    from cfedit.features import FAMILIES
+    from cfedit.graph import load_graph
+
+    if features not in FAMILIES:
+        raise UsageFailure(f"--features: unknown family {features!r} ({', '.join(FAMILIES)})")
+    g = load_graph(graph)
+    target = out_path or Path("runs") / f"{g.name}-{features}.safetensors"
+    if target.exists() and not force:
+        raise UsageFailure(f"{target} exists; pass --force to overwrite it or --out another path")
+    if resume and not partial_path(target).exists():
+        err_console.print(f"note: no {partial_path(target)} to resume from; starting afresh", markup=False)
+    opts = FitOptions(features=features, epochs=epochs, labeller_epochs=labeller_epochs, n_train=n,
+                      device=resolve_device(device), seed=seed, data=data,
+                      mnist_root=str(mnist_root) if mnist_root else None)
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, step: int, total: int, metrics: dict) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=max(total, 1), info="")
+            info = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch" and isinstance(v, float))
+            if "epoch" in metrics:
+                info = f"epoch {metrics['epoch']}  " + info
+            bar.update(tasks[stage], completed=step, total=max(total, 1), info=info[:70])
+
+        _, summary = fit_ancm(g, target, opts, resume=resume, progress=progress)
+    out.print(f"wrote {target}", markup=False, highlight=False)
+    from rich.table import Table
+
+    t = Table(title="fit summary", header_style="bold", show_header=False)
+    for k, v in summary.items():
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(t)
+
+
+def find_shipped_checkpoint(variables: list[str]) -> Path:
+    """The shipped checkpoint whose graph defines all of ``variables`` (unique, else an error)."""
+    from cfedit.checkpoint import read_checkpoint_graph
+    from cfedit.graph import shipped_dir
+
+    candidates = sorted(shipped_dir("checkpoints").glob("*.safetensors"))
+    graphs = [(p, read_checkpoint_graph(p)) for p in candidates]
+    match = [p for p, g in graphs if all(v in g for v in variables)]
+    listing = ", ".join(f"{p.name} ({', '.join(g.names)})" for p, g in graphs) or "none"
+    if not match:
+        raise UsageFailure(f"no shipped checkpoint has the variable(s) {', '.join(variables)} "
+                           f"(shipped: {listing}); pass --checkpoint PATH")
+    if len(match) > 1:
+        raise UsageFailure(f"several shipped checkpoints have {', '.join(variables)}: "
+                           f"{', '.join(p.name for p in match)}; pass --checkpoint PATH")
+    return match[0]
+
+
+@app.command()
+@handles_errors
+def edit(
+    images: List[str] = typer.Argument(..., help="Image files, folders of images, or - to read paths from stdin."),
+    set_: str = typer.Option(..., "--set", help="The intervention, e.g. color=red or color=red,digit=5."),
+    given: Optional[str] = typer.Option(None, "--given", help="Factual factors to use instead of the labeller's reading, e.g. digit=3,bar=yes."),
+    samples: int = typer.Option(1, "--samples", min=1, help="Counterfactual samples per image (the answer is a distribution)."),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint (default: the shipped one whose graph has the --set variables)."),
+    bound: Optional[str] = typer.Option(None, "--bound", help="lower | upper: use the feature model at that bound of the edit's query."),
+    out_dir: Path = typer.Option(Path("out"), "--out", help="Folder for the counterfactual PNGs and side-by-side pairs."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda | cuda:N"),
+) -> None:
+    """Edit images counterfactually; one JSON line per output on stdout."""
+    import numpy as np
+
+    from cfedit.ancm import ANCM
+    from cfedit.imageio import ImageReadError, gather_image_paths, png_bytes, read_image, side_by_side
+    from cfedit.checkpoint import atomic_write_bytes
+    from cfedit.query import parse_assignments
+
+    do = parse_assignments(set_, "--set")
+    if not do:
+        raise UsageFailure("--set: give at least one intervention, e.g. --set color=red")
+    giv = parse_assignments(given or "", "--given")
+    if bound not in (None, "lower", "upper"):
+        raise UsageFailure(f"--bound: expected lower or upper, not {bound!r}")
+    ck_path = checkpoint or find_shipped_checkpoint(list(do) + list(giv))
+    model = ANCM.load(ck_path, device=resolve_device(device))
+    g = model.graph
+    for k, v in list(do.items()) + list(giv.items()):
+        g[k].index(v)  # validates name and value against the checkpoint's graph
+    paths, problems = gather_image_paths(images)
+    failed = len(problems)
+    for p in problems:
+        err_console.print(f"cfedit: error: {p}", markup=False, highlight=False)
+
+    def names_for(p: Path) -> list[tuple[Path, Path]]:
+        return [(out_dir / f"{p.stem}.cf{k}.png", out_dir / f"{p.stem}.pair{k}.png") for k in range(samples)]
+
+    if not force:
+        for p in paths:
+            for a, b in names_for(p):
+                if a.exists() or b.exists():
+                    raise UsageFailure(f"{a if a.exists() else b} exists; pass --force to overwrite or --out another folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size, channels = g.image.size, g.image.channels
+    for p in paths:
+        try:
+            img, note = read_image(p, size, channels)
+        except ImageReadError as e:
+            err_console.print(f"cfedit: error: {e} (skipped)", markup=False, highlight=False)
+            failed += 1
+            continue
+        if note:
+            err_console.print(f"note: {p}: {note}", markup=False, highlight=False)
+        res = model.edit(img[None], do, given=giv, n_samples=samples, seed=seed, bound=bound)
+        v = res.factual[0]
+        factual = {n: g[n].values[int(v[i])] for i, n in enumerate(g.names)}
+        for k, (cf_path, pair_path) in enumerate(names_for(p)):
+            cf_img = res.images[0, k]
+            atomic_write_bytes(cf_path, png_bytes(cf_img))
+            atomic_write_bytes(pair_path, png_bytes(side_by_side(img, cf_img)))
+            row = res.counterfactual[0, k]
+            record = {
+                "input": str(p), "sample": k, "do": do,
+                "factual": factual, "factual_from": {n: ("given" if n in giv else "labeller") for n in g.names},
+                "counterfactual": {n: g[n].values[int(row[i])] for i, n in enumerate(g.names)},
+                "image": str(cf_path), "pair": str(pair_path),
+                "bounds": model.descendant_bounds(v, res.do, row),
+                "bound": bound, "checkpoint": str(ck_path),
+            }
+            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

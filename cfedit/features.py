@@ -54,3 +54,68 @@ def as_pv(graph: CausalGraph, data: Any) -> np.ndarray:
         counts = np.bincount(flat, minlength=int(np.prod(graph.shape))).astype(float)
         return (counts / counts.sum()).reshape(graph.shape)
     raise ValueError(f"expected P(V) of shape {graph.shape} or samples of shape [n, {len(graph.names)}]")
+
+
+FAMILIES = ("ncm", "canonical", "none", "conditional", "markovian")
+
+
+def make_feature_model(family: str, graph: CausalGraph) -> FeatureModel:
+    """An unfitted feature model of a family (``--features``)."""
+    if family == "ncm":
+        from cfedit.ncm import NCM
+
+        return NCM(graph)
+    if family == "canonical":
+        from cfedit.canonical import CanonicalModel
+
+        return CanonicalModel(graph)
+    if family == "markovian":
+        from cfedit.canonical import CanonicalModel
+
+        return MarkovianModel(graph, CanonicalModel(graph.markovian_version()))
+    if family in ("none", "conditional"):
+        from cfedit.baselines import ConditionalModel, NoCausalModel
+
+        return (NoCausalModel if family == "none" else ConditionalModel)(graph)
+    raise ValueError(f"unknown feature-model family {family!r} ({', '.join(FAMILIES)})")
+
+
+def load_feature_model(graph: CausalGraph, config: Mapping[str, Any], arrays: Mapping[str, Any]) -> FeatureModel:
+    """Rebuild a feature model from what :meth:`FeatureModel.state` returned."""
+    family = config.get("family")
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    if family == "markovian":
+        from cfedit.canonical import CanonicalModel
+
+        inner = CanonicalModel.from_state(graph.markovian_version(), config["inner"], arrays)
+        return MarkovianModel(graph, inner)
+    model = make_feature_model(family, graph)
+    return type(model).from_state(graph, config, arrays)
+
+
+class MarkovianModel:
+    """DEAR's assumption: the graph with its bidirected edges oriented along the topological order,
+    fitted as a Markovian canonical model. Queries and edits are asked in the original graph's terms
+    (same variables, same value indices), answered by the Markovian model."""
+
+    family = "markovian"
+
+    def __init__(self, graph: CausalGraph, inner: FeatureModel):
+        self.graph, self.inner = graph, inner
+
+    def fit(self, pv: np.ndarray, seed: int = 0) -> "MarkovianModel":
+        self.inner.fit(pv, seed=seed)
+        return self
+
+    def joint(self) -> np.ndarray:
+        return self.inner.joint()
+
+    def counterfactual(self, factual, do, n_samples: int = 1, seed: int = 0) -> np.ndarray:
+        return self.inner.counterfactual(factual, do, n_samples=n_samples, seed=seed)
+
+    def prob(self, query: Query) -> float:
+        return self.inner.prob(query)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        config, arrays = self.inner.state()
+        return {"family": "markovian", "inner": config}, arrays

@@ -1,0 +1,302 @@
+"""The editor (DESIGN §1): feature model + image mechanism + labeller, composed. No maths of its own.
+
+    image ──labeller──▶ v (factual factors)          image ──mechanism.abduct(i, v)──▶ u_I
+    v ──feature model: abduct U_V | v, do(X=x′), predict──▶ v′ (counterfactual factors)
+    mechanism.decode(v′, u_I) ──▶ counterfactual image
+
+:func:`fit_ancm` trains all three from a graph's data and writes one checkpoint; :class:`ANCM`
+loads it and edits. Training is resumable: after every epoch the partial state goes to
+``<out>.partial`` (torch tensors and plain values only, read back with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from cfedit.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
+from cfedit.features import FeatureModel, load_feature_model, make_feature_model
+from cfedit.graph import CausalGraph
+from cfedit.query import Query, Term
+
+# Stages of `fit`, in order, for progress reporting and resume.
+STAGES = ("features", "labeller", "mechanism", "summary")
+Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
+
+
+@dataclass
+class EditResult:
+    """Factual factors [n, k], counterfactual factors [n, K, k], counterfactual images uint8 [n, K, C, S, S]."""
+
+    factual: np.ndarray
+    counterfactual: np.ndarray
+    images: np.ndarray
+    do: dict[str, int]
+
+
+@dataclass
+class ANCM:
+    graph: CausalGraph
+    features: FeatureModel
+    mechanism: Any  # cfedit.image.ImageMechanism
+    labeller: Any  # cfedit.image.Labeller
+    pv: np.ndarray  # the observational P(V) the model was fitted to (used for bounds)
+    info: dict = field(default_factory=dict)
+    _extremes: dict = field(default_factory=dict, repr=False)
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        fconf, farrays = self.features.state()
+        tensors: dict[str, Any] = {"pv": self.pv}
+        tensors.update({f"features.{k}": v for k, v in farrays.items()})
+        tensors.update({f"mechanism.{k}": v for k, v in self.mechanism.state_dict().items()})
+        tensors.update({f"labeller.{k}": v for k, v in self.labeller.state_dict().items()})
+        config = {"features": fconf, "mechanism": self.mechanism.config(), "labeller": self.labeller.config()}
+        return save_checkpoint(path, tensors, self.graph, config, extra=self.info)
+
+    @classmethod
+    def load(cls, path: str | Path, graph: CausalGraph | None = None, device: str = "cpu") -> "ANCM":
+        ck = load_checkpoint(path)
+        if graph is not None:
+            ck.check_graph(graph)
+        return cls.from_checkpoint(ck, device)
+
+    @classmethod
+    def from_checkpoint(cls, ck: Checkpoint, device: str = "cpu") -> "ANCM":
+        from cfedit.image import ImageMechanism, Labeller
+
+        g = ck.graph
+        feats = load_feature_model(g, ck.config["features"],
+                                   {k: v.numpy() for k, v in ck.section("features").items()})
+        mech = ImageMechanism.from_config(ck.config["mechanism"])
+        mech.load_state_dict(ck.section("mechanism"))
+        lab = Labeller.from_config(ck.config["labeller"])
+        lab.load_state_dict(ck.section("labeller"))
+        return cls(g, feats, mech.to(device).eval(), lab.to(device).eval(), ck.tensors["pv"].numpy(), ck.extra)
+
+    # -- editing ------------------------------------------------------------------------------
+
+    def do_indices(self, do: Mapping[str, str | int]) -> dict[str, int]:
+        return {k: (int(v) if isinstance(v, (int, np.integer)) else self.graph[k].index(v)) for k, v in do.items()}
+
+    def read_factors(self, images: np.ndarray, given: Mapping[str, str | int] | None = None) -> np.ndarray:
+        """Factual factors of images: the labeller's reading, overridden by ``given`` values."""
+        v = np.asarray(self.labeller.predict(images), dtype=np.int64)
+        for k, val in self.do_indices(given or {}).items():
+            v[:, self.graph.axis(k)] = val
+        return v
+
+    def feature_model_for(self, factual_row: np.ndarray, do: Mapping[str, int], bound: str | None) -> FeatureModel:
+        """The default feature model, or the canonical model at a bound of the edit's query."""
+        if bound is None:
+            return self.features
+        query = self.edit_query(factual_row, do)
+        if query is None:  # the intervention has no descendant: every model agrees
+            return self.features
+        key = (str(query), bound)
+        if key not in self._extremes:
+            from cfedit.canonical import CanonicalModel
+
+            self._extremes[key] = CanonicalModel.extreme(self.graph, self.pv, query, side=bound)
+        return self._extremes[key]
+
+    def edit_query(self, factual_row: np.ndarray, do: Mapping[str, int], target: str | None = None) -> Query | None:
+        """P(Y_{do}=y | all factual factors) for the first descendant Y of the intervention, at its
+        last value (``yes`` for a binary factor) — the query ``--bound`` pushes to its bound."""
+        g = self.graph
+        desc = [d for d in g.descendants(list(do)) if d not in do]
+        if not desc:
+            return None
+        y = target or desc[0]
+        interventions = tuple((k, g[k].values[v]) for k, v in do.items())
+        evidence = tuple(Term(n, g[n].values[int(factual_row[i])]) for i, n in enumerate(g.names))
+        return Query((Term(y, g[y].values[-1], interventions),), evidence)
+
+    def counterfactual_factors(self, factual: np.ndarray, do: Mapping[str, str | int], n_samples: int = 1,
+                               seed: int = 0, bound: str | None = None) -> np.ndarray:
+        do_idx = self.do_indices(do)
+        factual = np.asarray(factual, dtype=np.int64)
+        if bound is None:
+            return self.features.counterfactual(factual, do_idx, n_samples=n_samples, seed=seed)
+        out = np.empty((len(factual), n_samples, factual.shape[1]), dtype=np.int64)
+        rows, inverse = np.unique(factual, axis=0, return_inverse=True)
+        for r, row in enumerate(rows):
+            idx = np.flatnonzero(inverse.ravel() == r)
+            model = self.feature_model_for(row, do_idx, bound)
+            out[idx] = model.counterfactual(factual[idx], do_idx, n_samples=n_samples, seed=seed + r)
+        return out
+
+    def edit(self, images: np.ndarray, do: Mapping[str, str | int], given: Mapping[str, str | int] | None = None,
+             factual: np.ndarray | None = None, n_samples: int = 1, seed: int = 0,
+             bound: str | None = None) -> EditResult:
+        """Counterfactual images of uint8 images [n, C, S, S] under do(); K = n_samples per image."""
+        images = np.asarray(images)
+        v = self.read_factors(images, given) if factual is None else np.asarray(factual, dtype=np.int64)
+        cf = self.counterfactual_factors(v, do, n_samples=n_samples, seed=seed, bound=bound)
+        n, k = len(images), n_samples
+        u = self.mechanism.abduct(images, v)
+        u_rep = np.repeat(np.asarray(u), k, axis=0)
+        out = self.mechanism.decode(cf.reshape(n * k, -1), u_rep)
+        from cfedit.imageio import to_uint8
+
+        imgs = to_uint8(out).reshape(n, k, *images.shape[1:])
+        return EditResult(v, cf, imgs, self.do_indices(do))
+
+    def descendant_bounds(self, factual_row: np.ndarray, do: Mapping[str, int], cf_row: np.ndarray) -> dict:
+        """For each descendant Y of the intervention: the optimal bounds of P(Y_{do} = y′ | factual),
+        y′ being the value this edit gave it — what the data cannot decide, stated honestly."""
+        from cfedit.bounds import BoundsError, compute_bounds
+
+        g = self.graph
+        out = {}
+        interventions = tuple((x, g[x].values[v]) for x, v in do.items())
+        evidence = tuple(Term(n, g[n].values[int(factual_row[i])]) for i, n in enumerate(g.names))
+        for y in g.descendants(list(do)):
+            if y in do:
+                continue
+            value = g[y].values[int(cf_row[g.axis(y)])]
+            q = Query((Term(y, value, interventions),), evidence)
+            key = ("bounds", str(q))
+            if key not in self._extremes:
+                try:
+                    b = compute_bounds(g, self.pv, q)
+                    self._extremes[key] = {"value": value, "lower": round(b.lower, 6), "upper": round(b.upper, 6),
+                                           "query": str(q)}
+                except BoundsError as e:  # e.g. factual factors of probability zero in the data
+                    self._extremes[key] = {"value": value, "lower": None, "upper": None, "query": str(q),
+                                           "note": str(e)}
+            out[y] = self._extremes[key]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitOptions:
+    features: str = "canonical"
+    epochs: int | None = None  # mechanism epochs (labeller: its own default) — None: the defaults
+    labeller_epochs: int | None = None
+    n_train: int | None = None
+    n_eval: int = 2000
+    device: str = "cpu"
+    seed: int = 0
+    data: str | None = None
+    mnist_root: str | None = None
+    mechanism_options: dict = field(default_factory=dict)
+
+
+def partial_path(out: str | Path) -> Path:
+    return Path(str(out) + ".partial")
+
+
+def _save_partial(out: Path, state: dict) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(partial_path(out), buf.getvalue())
+
+
+def _load_partial(out: Path) -> dict | None:
+    import torch
+
+    p = partial_path(out)
+    if not p.exists():
+        return None
+    # weights_only: tensors and plain containers only; a partial file can never run code.
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = None, resume: bool = False,
+             progress: Progress | None = None) -> tuple[ANCM, dict]:
+    """Train feature model, labeller and image mechanism; write the checkpoint ``out`` atomically.
+
+    With ``resume``, continue from ``<out>.partial`` (written after every epoch). Returns the model
+    and a summary: fit of P(V) (total variation), labeller accuracy and null-edit error on the test
+    split, and the seconds per stage.
+    """
+    import torch
+
+    from cfedit.data import dataset_for_graph
+    from cfedit.image import train_image_mechanism, train_labeller
+
+    o = options or FitOptions()
+    out = Path(out)
+    device = torch.device(o.device)
+    state = (_load_partial(out) if resume else None) or {}
+    if state and state.get("graph_hash") != graph.structure_hash():
+        raise ValueError(f"{partial_path(out)} belongs to another graph; delete it or fit without --resume")
+    state["graph_hash"] = graph.structure_hash()
+    seconds = dict(state.get("seconds", {}))
+    report = progress or (lambda *a: None)
+
+    train = dataset_for_graph(graph, "train", o.n_train, o.seed, o.data, o.mnist_root)
+    test = dataset_for_graph(graph, "test", o.n_eval, o.seed, o.data, o.mnist_root)
+    pv = train.pv()
+
+    t = time.perf_counter()
+    report("features", 0, 1, {})
+    features = make_feature_model(o.features, graph).fit(pv, seed=o.seed)
+    seconds["features"] = time.perf_counter() - t
+    report("features", 1, 1, {})
+
+    def checkpoint_stage(name: str) -> Callable[[dict], None]:
+        def on_epoch(s: dict) -> None:
+            state[name] = s
+            state["seconds"] = seconds
+            _save_partial(out, state)
+        return on_epoch
+
+    lab_state = state.get("labeller")
+    labeller, lab_metrics = train_labeller(
+        train, graph, epochs=o.labeller_epochs, device=device, seed=o.seed,
+        progress=lambda s, n, m: report("labeller", s, n, m), state=lab_state,
+        on_epoch=checkpoint_stage("labeller"))
+    seconds["labeller"] = lab_metrics.get("seconds", 0.0)
+
+    mech, mech_metrics = train_image_mechanism(
+        train, graph, labeller, epochs=o.epochs, device=device, seed=o.seed + 1,
+        progress=lambda s, n, m: report("mechanism", s, n, m), state=state.get("mechanism"),
+        on_epoch=checkpoint_stage("mechanism"), **o.mechanism_options)
+    seconds["mechanism"] = mech_metrics.get("seconds", 0.0)
+
+    report("summary", 0, 1, {})
+    labeller.to("cpu")
+    mech.to("cpu")
+    summary = {
+        "features": o.features,
+        "tv_pv": float(0.5 * np.abs(features.joint() - pv).sum()),
+        **{f"labeller_acc_{k}": v for k, v in labeller_accuracy(labeller, test, graph).items()},
+        "null_edit_mae": null_edit_error(mech, test),
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "n_train": len(train),
+        "n_test": len(test),
+        "seed": o.seed,
+        "device": str(device),
+    }
+    model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary)
+    model.save(out)
+    partial_path(out).unlink(missing_ok=True)
+    report("summary", 1, 1, {})
+    return model, summary
+
+
+def labeller_accuracy(labeller, dataset, graph: CausalGraph) -> dict[str, float]:
+    pred = np.asarray(labeller.predict(dataset.images))
+    return {n: float((pred[:, j] == dataset.factors[:, j]).mean()) for j, n in enumerate(graph.names)}
+
+
+def null_edit_error(mechanism, dataset) -> float:
+    """Mean absolute pixel error (pixels in [0, 1]) of decode(v, abduct(x, v)) against x."""
+    x = dataset.images
+    rec = np.asarray(mechanism.edit(x, dataset.factors, dataset.factors))
+    return float(np.abs(rec - x.astype(np.float32) / 255.0).mean())
