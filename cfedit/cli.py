@@ -25,8 +25,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Generate datasets with known 
 app.add_typer(graph_app, name="graph")
 app.add_typer(data_app, name="data")
 
-out = Console()
-err_console = Console(stderr=True)
+# Piped output is not cut to 80 columns: tables of queries stay one row per query.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 class UsageFailure(Exception):
@@ -172,7 +173,7 @@ def data_barmnist(
 def observational_distribution(graph, data: Optional[Path]):
     """P(V) for bounds: from --data labels.csv (empirical), else the graph's own data source."""
     from cfedit.features import as_pv
-    from cfedit.scm import scm_for_graph
+    from cfedit.scm import scm_for_graph, scm_name
 
     if data is not None:
         from cfedit.data import load_labels
@@ -180,12 +181,12 @@ def observational_distribution(graph, data: Optional[Path]):
         return as_pv(graph, load_labels(graph, data)), f"empirical, {data}"
     scm = scm_for_graph(graph)
     if scm is not None:
-        return scm.joint(), f"exact, built-in SCM {graph.data}"
+        return scm.joint(), f"exact, from the built-in SCM '{scm_name(graph)}'"
     if graph.data:
         from cfedit.data import dataset_for_graph
 
         ds = dataset_for_graph(graph, split="train")
-        return ds.pv(), f"empirical, {graph.data}"
+        return ds.pv(), f"empirical, {len(ds)} training rows of the graph's data"
     raise UsageFailure(f"{graph.source}: the graph has no 'data:' entry; give --data labels.csv")
 
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from itertools import combinations
 from pathlib import Path
 from typing import Any, Iterable
 

@@ -208,13 +208,17 @@ def builtin_scm(name: str, graph: CausalGraph | None = None) -> SCM:
     return BUILTIN_SCMS[name](graph)
 
 
-def scm_for_graph(graph: CausalGraph) -> SCM | None:
-    """The ground-truth SCM a graph's ``data:`` points to (``{barmnist: backdoor}``), if any."""
+def scm_name(graph: CausalGraph) -> str | None:
+    """Name of the built-in SCM a graph's ``data:`` points to (``{barmnist: backdoor}``), if any."""
     data = graph.data or {}
     name = data.get("barmnist") or data.get("scm")
-    if name is None:
-        return None
-    return builtin_scm(str(name), graph)
+    return None if name is None else str(name)
+
+
+def scm_for_graph(graph: CausalGraph) -> SCM | None:
+    """The ground-truth SCM a graph's ``data:`` points to, if any."""
+    name = scm_name(graph)
+    return None if name is None else builtin_scm(name, graph)
 
 
 def all_assignments(graph: CausalGraph) -> np.ndarray:
