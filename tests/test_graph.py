@@ -122,3 +122,13 @@ def test_bad_files_give_one_line_errors(tmp_path, text, message, line):
 def test_missing_graph_lists_shipped():
     with pytest.raises(GraphError, match="shipped: .*backdoor"):
         load_graph("no_such_graph")
+
+
+def test_celeba_graph_maps_attribute_columns():
+    g = load_graph("celeba")
+    assert g["age"].data_column == "Young" and g["age"].code_to_index("1") == g["age"].index("young")
+    assert g["beard"].code_to_index("1") == g["beard"].index("no")  # No_Beard = 1 means no beard
+    assert "gender" not in g.descendants("age") and "smiling" not in g.descendants("age")
+    assert "eyeglasses" not in g.descendants("age")
+    assert set(g.descendants("age")) == {"gray_hair", "bald"}
+    assert g.image.size == 64 and len(g.queries) >= 4
