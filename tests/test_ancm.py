@@ -1,0 +1,109 @@
+"""The editor end to end on a tiny model: fit → checkpoint → load → edit, resume, and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cfedit.bounds import compute_bounds
+from cfedit.ancm import ANCM, FitOptions, fit_ancm, partial_path
+from cfedit.checkpoint import CheckpointError, load_checkpoint
+from cfedit.cli import app
+from cfedit.data import BarMNIST
+from cfedit.graph import load_graph
+
+TINY = dict(n_train=256, n_eval=64, epochs=1, labeller_epochs=1,
+            mechanism_options={"batch_size": 64, "width": 8, "hidden": 32})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, mnist_root):
+    out = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
+    model, summary = fit_ancm(load_graph("backdoor"), out, FitOptions(mnist_root=str(mnist_root), **TINY))
+    return out, model, summary
+
+
+def test_fit_writes_a_checkpoint_with_summary(tiny):
+    out, model, summary = tiny
+    assert out.exists() and not partial_path(out).exists()
+    assert summary["tv_pv"] < 1e-9  # the canonical model fits P(V) exactly
+    assert 0 <= summary["null_edit_mae"] <= 1 and "labeller_acc_digit" in summary
+    ck = load_checkpoint(out)
+    assert ck.config["features"]["family"] == "canonical"
+    assert ck.graph.structure_hash() == load_graph("backdoor").structure_hash()
+
+
+def test_checkpoint_round_trip_gives_identical_edits(tiny, mnist_root):
+    out, model, _ = tiny
+    ds = BarMNIST("backdoor", "test", n=16, seed=3, root=mnist_root)
+    a = model.edit(ds.images, {"color": "red"}, n_samples=3, seed=5)
+    b = ANCM.load(out).edit(ds.images, {"color": "red"}, n_samples=3, seed=5)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.counterfactual, b.counterfactual)
+    assert a.images.shape == (16, 3, 3, 28, 28)
+    # intervened factor takes its value; the non-descendant digit keeps the factual reading
+    assert (a.counterfactual[..., 1] == 1).all()
+    assert (a.counterfactual[..., 0] == a.factual[:, None, 0]).all()
+
+
+def test_checkpoint_refuses_another_graph(tiny):
+    with pytest.raises(CheckpointError, match="differs"):
+        ANCM.load(tiny[0], graph=load_graph("frontdoor"))
+
+
+def test_bound_edits_use_the_extreme_models(tiny, mnist_root):
+    _, model, _ = tiny
+    factual = np.array([[3, 1, 1]] * 400)  # digit 3, red, bar: the recolor_green query's unit
+    lo = model.counterfactual_factors(factual, {"color": "green"}, bound="lower", seed=0)
+    hi = model.counterfactual_factors(factual, {"color": "green"}, bound="upper", seed=0)
+    # the bounds of P(bar_{color=green}=yes | digit=3, red, yes) under the P(V) the model was fitted to
+    # (the tiny training set's; with exact P(V) they would be [0.5691, 1])
+    exact = compute_bounds(model.graph, model.pv, "P(bar_{color=green}=yes | digit=3, color=red, bar=yes)")
+    assert exact.upper - exact.lower > 0.2
+    assert abs((hi[..., 2] == 1).mean() - exact.upper) < 0.08
+    assert abs((lo[..., 2] == 1).mean() - exact.lower) < 0.08
+    b = model.descendant_bounds(factual[0], {"color": 0}, np.array([3, 0, 1]))
+    assert b["bar"]["lower"] == pytest.approx(exact.lower, abs=1e-6)
+    assert b["bar"]["upper"] == pytest.approx(exact.upper, abs=1e-6)
+
+
+def test_resume_continues_an_interrupted_fit(tmp_path, mnist_root):
+    g = load_graph("backdoor")
+    opts = FitOptions(mnist_root=str(mnist_root), **dict(TINY, epochs=2))
+    straight, _ = fit_ancm(g, tmp_path / "a.safetensors", opts)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(stage, step, total, metrics):
+        if stage == "mechanism" and metrics.get("epoch") == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit_ancm(g, tmp_path / "b.safetensors", opts, progress=interrupt)
+    assert partial_path(tmp_path / "b.safetensors").exists()
+    resumed, _ = fit_ancm(g, tmp_path / "b.safetensors", opts, resume=True)
+    for k, v in straight.mechanism.state_dict().items():
+        assert np.allclose(v.numpy(), resumed.mechanism.state_dict()[k].numpy(), atol=1e-6), k
+
+
+def test_edit_cli_writes_pairs_and_json_lines(tiny, tmp_path, mnist_root):
+    from cfedit.data import write_barmnist
+
+    write_barmnist("backdoor", 3, split="test", out=tmp_path / "in", root=mnist_root)
+    (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
+    runner = CliRunner()
+    args = ["edit", str(tmp_path / "in"), "--set", "color=red", "--samples", "2", "-c", str(tiny[0]),
+            "--out", str(tmp_path / "out")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1  # one unreadable image: reported, skipped, and the status says so
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 4 * 2  # three digits and the grid.png written beside them
+    rec = lines[0]
+    assert rec["counterfactual"]["color"] == "red" and "bar" in rec["bounds"]
+    assert (tmp_path / "out" / "000000.pair1.png").exists()
+    assert "broken.png" in r.stderr
+    r = runner.invoke(app, args)  # outputs exist: refused without --force
+    assert r.exit_code == 2 and "--force" in r.stderr
+    r = runner.invoke(app, args[:2] + ["--set", "colour=red", "-c", str(tiny[0])])
+    assert r.exit_code == 2 and "no variable 'colour'" in r.stderr
