@@ -74,10 +74,6 @@ def handles_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _not_built(command: str, issue: str) -> None:
-    fail(f"'cfedit {command}' is not built yet ({issue}); see the README for what works today", 1)
-
-
 # ----------------------------------------------------------------------------------------------
 # graph
 # ----------------------------------------------------------------------------------------------
@@ -313,6 +309,8 @@ def fit(
     with Progress(*columns, console=err_console, transient=False) as bar:
         tasks: dict[str, int] = {}
 
+        last_epoch: dict[str, int] = {}
+
         def progress(stage: str, step: int, total: int, metrics: dict) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=max(total, 1), info="")
@@ -320,6 +318,10 @@ def fit(
             if "epoch" in metrics:
                 info = f"epoch {metrics['epoch']}  " + info
             bar.update(tasks[stage], completed=step, total=max(total, 1), info=info[:70])
+            if not err_console.is_terminal and metrics.get("epoch") != last_epoch.get(stage) and step > 0:
+                # a log file gets one line per epoch instead of a live bar
+                last_epoch[stage] = metrics.get("epoch")
+                err_console.print(f"{stage} step {step}/{total} {info}", markup=False, highlight=False)
 
         _, summary = fit_ancm(g, target, opts, resume=resume, progress=progress)
     out.print(f"wrote {target}", markup=False, highlight=False)
@@ -428,10 +430,76 @@ def edit(
         raise typer.Exit(1)
 
 
-@app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def evaluate(ctx: typer.Context) -> None:
-    """Measure ctf-consistency of editors against optimal bounds (not built yet)."""
-    _not_built("eval", "the eval issue")
+@app.command("eval")
+@handles_errors
+def evaluate_cmd(
+    graph: str = typer.Option(..., "--graph", "-g", help="Graph file or shipped graph name."),
+    checkpoint: Optional[List[Path]] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint(s) to compare (default: the shipped one of the graph). Repeatable."),
+    baselines: str = typer.Option("none,conditional,markovian", "--baselines", help="Baseline feature models built from the first checkpoint's image mechanism ('' for none)."),
+    n: int = typer.Option(2000, "--n", min=1, help="Test units per query (all matching units when fewer match)."),
+    samples: int = typer.Option(4, "--samples", min=1, help="Edits per unit."),
+    query: Optional[List[str]] = typer.Option(None, "--query", "-q", help="An extra query. Repeatable."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for report.json, chart.png and grid.png."),
+    reader: Optional[Path] = typer.Option(None, "--reader", help="Independent reader checkpoint (default: trained once and cached)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Image folder with labels, instead of the graph's data."),
+    mnist_root: Optional[Path] = typer.Option(None, "--mnist-root", help=MNIST_ROOT_HELP),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda | cuda:N"),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+) -> None:
+    """Measure ctf-consistency: estimates read off the edited images against the optimal bounds."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cfedit.evaluate import evaluate, load_models, load_or_train_reader, render_tables, report_to_json, write_outputs
+    from cfedit.features import FAMILIES
+    from cfedit.graph import load_graph, shipped_dir
+    from cfedit.query import parse_query
+
+    g = load_graph(graph)
+    fams = [b.strip() for b in baselines.split(",") if b.strip()]
+    for b in fams:
+        if b not in FAMILIES:
+            raise UsageFailure(f"--baselines: unknown family {b!r} ({', '.join(FAMILIES)})")
+    paths = list(checkpoint or [])
+    if not paths:
+        shipped = shipped_dir("checkpoints") / f"{g.name}.safetensors"
+        if not shipped.exists():
+            raise UsageFailure(f"no shipped checkpoint for graph {g.name!r}; pass --checkpoint PATH (see cfedit fit)")
+        paths = [shipped]
+    queries = dict(g.queries)
+    for i, text in enumerate(query or []):
+        parse_query(text).validate(g)
+        queries[f"query{i + 1}" if len(query) > 1 else "query"] = text
+    if out_dir is not None and not force:
+        for name in ("report.json", "chart.png", "grid.png"):
+            if (out_dir / name).exists():
+                raise UsageFailure(f"{out_dir / name} exists; pass --force to overwrite or --out another folder")
+    dev = resolve_device(device)
+    models = load_models(paths, g, fams, device=dev)
+    columns = (TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*columns, console=err_console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, step: int, total: int, info=None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=max(total, 1), info="")
+            bar.update(tasks[stage], completed=step, total=max(total, 1), info=str(info or "")[:60])
+
+        rd = load_or_train_reader(g, path=reader, data=data, root=mnist_root, device=dev,
+                                  progress=progress)
+        report = evaluate(g, models, n=n, samples=samples, queries=queries, seed=seed, reader=rd,
+                          progress=progress, data=data, root=mnist_root)
+    if out_dir is not None:
+        written = write_outputs(report, out_dir)
+        for kind, path in written.items():
+            err_console.print(f"wrote {kind}: {path}", markup=False, highlight=False)
+    if as_json:
+        sys.stdout.write(report_to_json(report) + "\n")
+        return
+    for table in render_tables(report):
+        out.print(table)
 
 
 def main() -> None:

@@ -36,10 +36,11 @@ def test_bad_graph_is_one_line_exit_2(tmp_path):
     assert r.exit_code == 2
 
 
-def test_unbuilt_commands_say_so():
-    for cmd in ("eval",):
-        r = run(cmd)
-        assert r.exit_code == 1 and "not built yet" in r.output
+def test_eval_without_a_checkpoint_says_what_to_do():
+    r = run("eval", "--graph", "celeba")
+    assert r.exit_code == 2 and "no shipped checkpoint for graph 'celeba'" in r.output
+    r = run("eval", "--graph", "backdoor", "--baselines", "cvae")
+    assert r.exit_code == 2 and "unknown family 'cvae'" in r.output
 
 
 def test_python_dash_m_works():
