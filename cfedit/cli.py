@@ -40,7 +40,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
     types: list[type[BaseException]] = [GraphError, QueryError, UsageFailure]
     for mod, name in (("cfedit.bounds", "BoundsError"), ("cfedit.checkpoint", "CheckpointError"),
-                      ("cfedit.data", "DataError")):
+                      ("cfedit.data", "DataError"), ("cfedit.ncm", "NCMError"),
+                      ("cfedit.imageio", "ImageReadError")):
         if mod in sys.modules and hasattr(sys.modules[mod], name):
             types.append(getattr(sys.modules[mod], name))
     return tuple(types)
