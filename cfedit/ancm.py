@@ -250,7 +250,7 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
     report("features", 1, 1, {})
 
     def checkpoint_stage(name: str) -> Callable[[dict], None]:
-        def on_epoch(s: dict) -> None:
+        def on_epoch(s: dict) -> None:  # the trainers call it on rank 0 only
             state[name] = s
             state["seconds"] = seconds
             _save_partial(out, state)
@@ -269,6 +269,8 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         on_epoch=checkpoint_stage("mechanism"), **o.mechanism_options)
     seconds["mechanism"] = mech_metrics.get("seconds", 0.0)
 
+    if _rank() != 0:  # under torchrun only rank 0 measures and writes; the others are done
+        return ANCM(graph, features, mech.eval(), labeller.eval(), pv, {}), {}
     report("summary", 0, 1, {})
     labeller.to("cpu")
     mech.to("cpu")
@@ -288,6 +290,12 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
     partial_path(out).unlink(missing_ok=True)
     report("summary", 1, 1, {})
     return model, summary
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def labeller_accuracy(labeller, dataset, graph: CausalGraph) -> dict[str, float]:

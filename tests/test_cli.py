@@ -47,3 +47,19 @@ def test_python_dash_m_works():
     r = subprocess.run([sys.executable, "-m", "cfedit", "graph", "show", "backdoor", "--format", "dot"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith('digraph "backdoor"')
+
+
+def test_bounds_from_generated_files_approach_exact(tmp_path, mnist_root):
+    """cfedit data barmnist → labels.csv → cfedit bounds --data: empirical bounds near the exact ones."""
+    r = run("data", "barmnist", "backdoor", "--n", "20000", "--out", tmp_path / "d", "--mnist-root", mnist_root)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "d" / "grid.png").exists() and (tmp_path / "d" / "exogenous.csv").exists()
+    exact = json.loads(run("bounds", "-g", "backdoor", "--json").output)["bounds"]
+    r = run("bounds", "-g", "backdoor", "--data", tmp_path / "d" / "labels.csv", "--json")
+    assert r.exit_code == 0, r.output
+    emp = json.loads(r.output)["bounds"]
+    assert [e["name"] for e in emp] == [x["name"] for x in exact]
+    for e, x in zip(emp, exact):
+        assert abs(e["lower"] - x["lower"]) < 0.08 and abs(e["upper"] - x["upper"]) < 0.08, e["name"]
+    r = run("data", "barmnist", "backdoor", "--n", "5", "--out", tmp_path / "d", "--mnist-root", mnist_root)
+    assert r.exit_code == 2 and "--force" in r.output
