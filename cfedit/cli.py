@@ -334,13 +334,20 @@ def fit(
     out.print(t)
 
 
-def find_shipped_checkpoint(variables: list[str]) -> Path:
-    """The shipped checkpoint whose graph defines all of ``variables`` (unique, else an error)."""
+def find_shipped_checkpoint(variables: list[str], graph: str | None = None) -> Path:
+    """The shipped checkpoint whose graph defines all of ``variables`` (unique, else an error);
+    ``graph`` (a name or graph file) picks among several."""
     from cfedit.checkpoint import read_checkpoint_graph
-    from cfedit.graph import shipped_dir
+    from cfedit.graph import load_graph, shipped_dir
 
     candidates = sorted(shipped_dir("checkpoints").glob("*.safetensors"))
     graphs = [(p, read_checkpoint_graph(p)) for p in candidates]
+    if graph is not None:
+        want = load_graph(graph)
+        graphs = [(p, g) for p, g in graphs if g.structure_hash() == want.structure_hash()] or [
+            (p, g) for p, g in graphs if g.name == want.name]
+        if not graphs:
+            raise UsageFailure(f"no shipped checkpoint was trained on graph {want.name!r}; pass --checkpoint PATH")
     match = [p for p, g in graphs if all(v in g for v in variables)]
     listing = ", ".join(f"{p.name} ({', '.join(g.names)})" for p, g in graphs) or "none"
     if not match:
@@ -348,7 +355,7 @@ def find_shipped_checkpoint(variables: list[str]) -> Path:
                            f"(shipped: {listing}); pass --checkpoint PATH")
     if len(match) > 1:
         raise UsageFailure(f"several shipped checkpoints have {', '.join(variables)}: "
-                           f"{', '.join(p.name for p in match)}; pass --checkpoint PATH")
+                           f"{', '.join(p.name for p in match)}; pick one with --graph NAME or --checkpoint PATH")
     return match[0]
 
 
@@ -361,6 +368,7 @@ def edit(
     samples: int = typer.Option(1, "--samples", min=1, help="Counterfactual samples per image (the answer is a distribution)."),
     seed: int = typer.Option(0, "--seed"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint (default: the shipped one whose graph has the --set variables)."),
+    graph: Optional[str] = typer.Option(None, "--graph", "-g", help="Use the shipped checkpoint of this graph (when several have the --set variables)."),
     bound: Optional[str] = typer.Option(None, "--bound", help="lower | upper: use the feature model at that bound of the edit's query."),
     out_dir: Path = typer.Option(Path("out"), "--out", help="Folder for the counterfactual PNGs and side-by-side pairs."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
@@ -380,7 +388,7 @@ def edit(
     giv = parse_assignments(given or "", "--given")
     if bound not in (None, "lower", "upper"):
         raise UsageFailure(f"--bound: expected lower or upper, not {bound!r}")
-    ck_path = checkpoint or find_shipped_checkpoint(list(do) + list(giv))
+    ck_path = checkpoint or find_shipped_checkpoint(list(do) + list(giv), graph)
     model = ANCM.load(ck_path, device=resolve_device(device))
     g = model.graph
     for k, v in list(do.items()) + list(giv.items()):
