@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 from typer.testing import CliRunner
@@ -63,3 +64,20 @@ def test_bounds_from_generated_files_approach_exact(tmp_path, mnist_root):
         assert abs(e["lower"] - x["lower"]) < 0.08 and abs(e["upper"] - x["upper"]) < 0.08, e["name"]
     r = run("data", "barmnist", "backdoor", "--n", "5", "--out", tmp_path / "d", "--mnist-root", mnist_root)
     assert r.exit_code == 2 and "--force" in r.output
+
+
+def test_fit_cli_writes_checkpoint_and_refuses_overwrite(tmp_path, mnist_root):
+    out = tmp_path / "m.safetensors"
+    args = ["fit", "--graph", "frontdoor", "--out", out, "--n", "256", "--epochs", "1", "--labeller-epochs", "1",
+            "--device", "cpu", "--mnist-root", mnist_root]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert out.exists() and "tv_pv" in r.output and "null_edit_mae" in r.output
+    r = run(*args)
+    assert r.exit_code == 2 and "--force" in r.output
+    r = run(*args[:-2], "--features", "gan")
+    assert r.exit_code == 2 and "unknown family 'gan'" in r.output
+    example = Path(__file__).resolve().parents[1] / "examples" / "digit2_red_nobar.png"
+    r = run("edit", example, "--set", "digit=7", "-c", out, "--out", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.splitlines()[-1])["counterfactual"]["digit"] == "7"
