@@ -327,6 +327,8 @@ def fit(
                 err_console.print(f"{stage} step {step}/{total} {info}", markup=False, highlight=False)
 
         _, summary = fit_ancm(g, target, opts, resume=resume, progress=progress)
+    if not summary:  # a non-zero rank under torchrun: rank 0 writes and reports
+        return
     out.print(f"wrote {target}", markup=False, highlight=False)
     from rich.table import Table
 
