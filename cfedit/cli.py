@@ -48,7 +48,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"cfedit: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    one_line = " ".join(str(message).split())  # a user never sees a multi-line dump
+    err_console.print(f"cfedit: error: {one_line}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
