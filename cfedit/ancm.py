@@ -47,6 +47,10 @@ class ANCM:
     labeller: Any  # cfedit.image.Labeller
     pv: np.ndarray  # the observational P(V) the model was fitted to (used for bounds)
     info: dict = field(default_factory=dict)
+    # Deep-SCM style residual abduction: the edit is the change decode(v', u) - decode(v, u) applied to
+    # the input itself, so the null edit returns the input exactly and detail the decoder cannot draw
+    # (faces) survives. Off by default: a plain reconstruction is sharp enough for Colored MNIST.
+    residual: bool = False
     _extremes: dict = field(default_factory=dict, repr=False)
 
     # -- persistence --------------------------------------------------------------------------
@@ -57,7 +61,8 @@ class ANCM:
         tensors.update({f"features.{k}": v for k, v in farrays.items()})
         tensors.update({f"mechanism.{k}": v for k, v in self.mechanism.state_dict().items()})
         tensors.update({f"labeller.{k}": v for k, v in self.labeller.state_dict().items()})
-        config = {"features": fconf, "mechanism": self.mechanism.config(), "labeller": self.labeller.config()}
+        config = {"features": fconf, "mechanism": self.mechanism.config(), "labeller": self.labeller.config(),
+                  "edit": {"residual": self.residual}}
         return save_checkpoint(path, tensors, self.graph, config, extra=self.info)
 
     @classmethod
@@ -78,7 +83,9 @@ class ANCM:
         mech.load_state_dict(ck.section("mechanism"))
         lab = Labeller.from_config(ck.config["labeller"])
         lab.load_state_dict(ck.section("labeller"))
-        return cls(g, feats, mech.to(device).eval(), lab.to(device).eval(), ck.tensors["pv"].numpy(), ck.extra)
+        residual = bool(ck.config.get("edit", {}).get("residual", False))
+        return cls(g, feats, mech.to(device).eval(), lab.to(device).eval(), ck.tensors["pv"].numpy(), ck.extra,
+                   residual)
 
     # -- editing ------------------------------------------------------------------------------
 
@@ -134,15 +141,23 @@ class ANCM:
 
     def edit(self, images: np.ndarray, do: Mapping[str, str | int], given: Mapping[str, str | int] | None = None,
              factual: np.ndarray | None = None, n_samples: int = 1, seed: int = 0,
-             bound: str | None = None) -> EditResult:
-        """Counterfactual images of uint8 images [n, C, S, S] under do(); K = n_samples per image."""
+             bound: str | None = None, residual: bool | None = None) -> EditResult:
+        """Counterfactual images of uint8 images [n, C, S, S] under do(); K = n_samples per image.
+
+        ``residual`` (default: the model's setting) applies the decoded change to the input instead of
+        returning the decoded counterfactual.
+        """
         images = np.asarray(images)
         v = self.read_factors(images, given) if factual is None else np.asarray(factual, dtype=np.int64)
         cf = self.counterfactual_factors(v, do, n_samples=n_samples, seed=seed, bound=bound)
         n, k = len(images), n_samples
         u = self.mechanism.abduct(images, v)
         u_rep = np.repeat(np.asarray(u), k, axis=0)
-        out = self.mechanism.decode(cf.reshape(n * k, -1), u_rep)
+        out = np.asarray(self.mechanism.decode(cf.reshape(n * k, -1), u_rep))
+        if self.residual if residual is None else residual:
+            rec = np.asarray(self.mechanism.decode(v, np.asarray(u)))
+            x = images.astype(np.float32) / 255.0
+            out = np.clip(np.repeat(x, k, axis=0) + out - np.repeat(rec, k, axis=0), 0.0, 1.0)
         from cfedit.imageio import to_uint8
 
         imgs = to_uint8(out).reshape(n, k, *images.shape[1:])
@@ -192,6 +207,7 @@ class FitOptions:
     data: str | None = None
     mnist_root: str | None = None
     mechanism_options: dict = field(default_factory=dict)
+    residual: bool = False  # edits apply the decoded change to the input (see ANCM.residual)
 
 
 def partial_path(out: str | Path) -> Path:
@@ -285,7 +301,7 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         "seed": o.seed,
         "device": str(device),
     }
-    model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary)
+    model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary, residual=o.residual)
     model.save(out)
     partial_path(out).unlink(missing_ok=True)
     report("summary", 1, 1, {})

@@ -288,6 +288,7 @@ def fit(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from <out>.partial."),
+    residual: bool = typer.Option(False, "--residual", help="Edits apply the decoded change to the input (deep-SCM residual abduction): the null edit returns the input exactly."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint."),
 ) -> None:
     """Train the feature model, image mechanism and labeller; write one checkpoint."""
@@ -306,7 +307,7 @@ def fit(
     if resume and not partial_path(target).exists():
         err_console.print(f"note: no {partial_path(target)} to resume from; starting afresh", markup=False)
     opts = FitOptions(features=features, epochs=epochs, labeller_epochs=labeller_epochs, n_train=n,
-                      device=resolve_device(device), seed=seed, data=data,
+                      device=resolve_device(device), seed=seed, data=data, residual=residual,
                       mnist_root=str(mnist_root) if mnist_root else None)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
@@ -378,6 +379,7 @@ def edit(
     out_dir: Path = typer.Option(Path("out"), "--out", help="Folder for the counterfactual PNGs and side-by-side pairs."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda | cuda:N"),
+    residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Apply the decoded change to the input (default: as the checkpoint was fitted)."),
 ) -> None:
     """Edit images counterfactually; one JSON line per output on stdout."""
     import numpy as np
@@ -422,7 +424,7 @@ def edit(
             continue
         if note:
             err_console.print(f"note: {p}: {note}", markup=False, highlight=False)
-        res = model.edit(img[None], do, given=giv, n_samples=samples, seed=seed, bound=bound)
+        res = model.edit(img[None], do, given=giv, n_samples=samples, seed=seed, bound=bound, residual=residual)
         v = res.factual[0]
         factual = {n: g[n].values[int(v[i])] for i, n in enumerate(g.names)}
         for k, (cf_path, pair_path) in enumerate(names_for(p)):

@@ -269,7 +269,7 @@ def with_features(model, family: str, seed: int = 0, fitted=None):
 
     feats = fitted if fitted is not None else make_feature_model(family, model.graph).fit(model.pv, seed=seed)
     info = {**dict(model.info or {}), "features": feats.family, "derived_from": model.info.get("features")}
-    return ANCM(model.graph, feats, model.mechanism, model.labeller, model.pv, info)
+    return ANCM(model.graph, feats, model.mechanism, model.labeller, model.pv, info, residual=model.residual)
 
 
 def load_models(checkpoints: Sequence[str | Path], graph: CausalGraph | None = None,
