@@ -382,7 +382,6 @@ def edit(
     residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Apply the decoded change to the input (default: as the checkpoint was fitted)."),
 ) -> None:
     """Edit images counterfactually; one JSON line per output on stdout."""
-    import numpy as np
 
     from cfedit.ancm import ANCM
     from cfedit.imageio import ImageReadError, gather_image_paths, png_bytes, read_image, side_by_side
