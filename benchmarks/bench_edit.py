@@ -41,7 +41,7 @@ def main() -> None:
     print(f"library, in memory: {a.n} edits in {lib:.2f} s = {a.n / lib:,.0f} edits/s "
           f"(labeller + {model.features.family} feature model + abduction + decoding, {a.threads} threads)")
     t = time.perf_counter()
-    model.features.counterfactual(res.factual, model.do_indices(do), seed=0)
+    model.features.counterfactual(res.factual, model.graph.value_indices(do), seed=0)
     print(f"  of which the feature model: {time.perf_counter() - t:.3f} s")
 
     with tempfile.TemporaryDirectory() as tmp:

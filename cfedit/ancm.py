@@ -51,7 +51,7 @@ class ANCM:
     # the input itself, so the null edit returns the input exactly and detail the decoder cannot draw
     # (faces) survives. Off by default: a plain reconstruction is sharp enough for Colored MNIST.
     residual: bool = False
-    _extremes: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # extreme models and bounds, per query
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -89,13 +89,10 @@ class ANCM:
 
     # -- editing ------------------------------------------------------------------------------
 
-    def do_indices(self, do: Mapping[str, str | int]) -> dict[str, int]:
-        return {k: (int(v) if isinstance(v, (int, np.integer)) else self.graph[k].index(v)) for k, v in do.items()}
-
     def read_factors(self, images: np.ndarray, given: Mapping[str, str | int] | None = None) -> np.ndarray:
         """Factual factors of images: the labeller's reading, overridden by ``given`` values."""
         v = np.asarray(self.labeller.predict(images), dtype=np.int64)
-        for k, val in self.do_indices(given or {}).items():
+        for k, val in self.graph.value_indices(given).items():
             v[:, self.graph.axis(k)] = val
         return v
 
@@ -107,27 +104,30 @@ class ANCM:
         if query is None:  # the intervention has no descendant: every model agrees
             return self.features
         key = (str(query), bound)
-        if key not in self._extremes:
+        if key not in self._cache:
             from cfedit.canonical import CanonicalModel
 
-            self._extremes[key] = CanonicalModel.extreme(self.graph, self.pv, query, side=bound)
-        return self._extremes[key]
+            self._cache[key] = CanonicalModel.extreme(self.graph, self.pv, query, side=bound)
+        return self._cache[key]
 
-    def edit_query(self, factual_row: np.ndarray, do: Mapping[str, int], target: str | None = None) -> Query | None:
-        """P(Y_{do}=y | all factual factors) for the first descendant Y of the intervention, at its
-        last value (``yes`` for a binary factor) — the query ``--bound`` pushes to its bound."""
+    def unit_query(self, factual_row: np.ndarray, do: Mapping[str, int], target: str, value: str) -> Query:
+        """P(target_{do}=value | every factual factor of the unit)."""
         g = self.graph
-        desc = [d for d in g.descendants(list(do)) if d not in do]
-        if not desc:
-            return None
-        y = target or desc[0]
         interventions = tuple((k, g[k].values[v]) for k, v in do.items())
         evidence = tuple(Term(n, g[n].values[int(factual_row[i])]) for i, n in enumerate(g.names))
-        return Query((Term(y, g[y].values[-1], interventions),), evidence)
+        return Query((Term(target, value, interventions),), evidence)
+
+    def edit_query(self, factual_row: np.ndarray, do: Mapping[str, int]) -> Query | None:
+        """P(Y_{do}=y | all factual factors) for the first descendant Y of the intervention, at its
+        last value (``yes`` for a binary factor) — the query ``--bound`` pushes to its bound."""
+        desc = [d for d in self.graph.descendants(list(do)) if d not in do]
+        if not desc:
+            return None
+        return self.unit_query(factual_row, do, desc[0], self.graph[desc[0]].values[-1])
 
     def counterfactual_factors(self, factual: np.ndarray, do: Mapping[str, str | int], n_samples: int = 1,
                                seed: int = 0, bound: str | None = None) -> np.ndarray:
-        do_idx = self.do_indices(do)
+        do_idx = self.graph.value_indices(do)
         factual = np.asarray(factual, dtype=np.int64)
         if bound is None:
             return self.features.counterfactual(factual, do_idx, n_samples=n_samples, seed=seed)
@@ -161,7 +161,7 @@ class ANCM:
         from cfedit.imageio import to_uint8
 
         imgs = to_uint8(out).reshape(n, k, *images.shape[1:])
-        return EditResult(v, cf, imgs, self.do_indices(do))
+        return EditResult(v, cf, imgs, self.graph.value_indices(do))
 
     def descendant_bounds(self, factual_row: np.ndarray, do: Mapping[str, int], cf_row: np.ndarray) -> dict:
         """For each descendant Y of the intervention: the optimal bounds of P(Y_{do} = y′ | factual),
@@ -170,23 +170,21 @@ class ANCM:
 
         g = self.graph
         out = {}
-        interventions = tuple((x, g[x].values[v]) for x, v in do.items())
-        evidence = tuple(Term(n, g[n].values[int(factual_row[i])]) for i, n in enumerate(g.names))
         for y in g.descendants(list(do)):
             if y in do:
                 continue
             value = g[y].values[int(cf_row[g.axis(y)])]
-            q = Query((Term(y, value, interventions),), evidence)
+            q = self.unit_query(factual_row, do, y, value)
             key = ("bounds", str(q))
-            if key not in self._extremes:
+            if key not in self._cache:
                 try:
                     b = compute_bounds(g, self.pv, q)
-                    self._extremes[key] = {"value": value, "lower": round(b.lower, 6), "upper": round(b.upper, 6),
-                                           "query": str(q)}
+                    self._cache[key] = {"value": value, "lower": round(b.lower, 6), "upper": round(b.upper, 6),
+                                        "query": str(q)}
                 except BoundsError as e:  # e.g. factual factors of probability zero in the data
-                    self._extremes[key] = {"value": value, "lower": None, "upper": None, "query": str(q),
-                                           "note": str(e)}
-            out[y] = self._extremes[key]
+                    self._cache[key] = {"value": value, "lower": None, "upper": None, "query": str(q),
+                                        "note": str(e)}
+            out[y] = self._cache[key]
         return out
 
 

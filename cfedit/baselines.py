@@ -47,11 +47,7 @@ class _TableModel:
         return cls(graph).fit(np.asarray(arrays["pv"], dtype=float))
 
     def _do(self, do: Mapping[str, int | str]) -> dict[int, int]:
-        out = {}
-        for k, v in do.items():
-            var = self.graph[k]
-            out[self.graph.axis(k)] = int(v) if isinstance(v, (int, np.integer)) else var.index(v)
-        return out
+        return {self.graph.axis(k): i for k, i in self.graph.value_indices(do).items()}
 
     def _world_probs(self, factual: np.ndarray, do: Mapping[str, str]) -> np.ndarray:
         """P(counterfactual world = each full assignment | factual unit): [n_assignments]."""

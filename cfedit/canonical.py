@@ -276,16 +276,6 @@ class CanonicalModel:
 
     # -- counterfactuals ----------------------------------------------------------------------
 
-    def _do_indices(self, do: Mapping[str, int | str]) -> dict[str, int]:
-        out = {}
-        for k, v in (do or {}).items():
-            var = self.graph[k]
-            i = int(v) if isinstance(v, (int, np.integer)) else var.index(v)
-            if not 0 <= i < var.size:
-                raise ValueError(f"do({k}={v}): value index out of range 0..{var.size - 1}")
-            out[k] = i
-        return out
-
     def _outcomes(self, row: tuple[int, ...], do: dict[str, int], order: list[str]):
         """Exact distribution of the counterfactual values of ``order`` given a factual unit."""
         g, dists = self.graph, self._require_fit()
@@ -342,7 +332,7 @@ class CanonicalModel:
         for j, n in enumerate(g.names):
             if len(fact) and (fact[:, j].min() < 0 or fact[:, j].max() >= g[n].size):
                 raise ValueError(f"factual values of {n!r} must be indices 0..{g[n].size - 1}")
-        do_idx = self._do_indices(do)
+        do_idx = self.graph.value_indices(do)
         out = np.repeat(fact[:, None, :], n_samples, axis=1)
         for k, v in do_idx.items():
             out[:, :, g.axis(k)] = v

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import networkx as nx
 import yaml
@@ -54,6 +55,15 @@ class Variable:
             raise GraphError(
                 f"value {label!r} is not in the domain of {self.name!r} ({', '.join(self.values)})"
             ) from None
+
+    def as_index(self, value: Any) -> int:
+        """A value given as its label or as its index (int or numpy integer) → its index."""
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            i = int(value)
+            if not 0 <= i < self.size:
+                raise GraphError(f"{self.name}={value}: value index out of range 0..{self.size - 1}")
+            return i
+        return self.index(value)
 
     def code_to_index(self, code: str) -> int | None:
         """Index of the value a dataset cell stands for, or None when the code is unknown."""
@@ -152,6 +162,10 @@ class CausalGraph:
             if v.name == name:
                 return v
         raise GraphError(f"graph {self.name!r} has no variable {name!r} (it has {', '.join(self.names)})")
+
+    def value_indices(self, values: Mapping[str, Any] | None) -> dict[str, int]:
+        """``{variable: label or index}`` (an intervention, given factors) → ``{variable: index}``."""
+        return {k: self[k].as_index(v) for k, v in (values or {}).items()}
 
     def axis(self, name: str) -> int:
         """Position of a variable in :attr:`names` (the axis of P(V) arrays)."""

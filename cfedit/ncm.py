@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cfedit.bounds import Bounds
 from cfedit.graph import CausalGraph
 from cfedit.query import Query, QueryError, parse_query
 
@@ -209,9 +210,6 @@ class _Spec:
     combos: np.ndarray | None = None
     nodes: list[tuple[int, str]] = field(default_factory=list)
 
-
-def _term_index(graph: CausalGraph, var: str, value: str | int) -> int:
-    return int(value) if isinstance(value, (int, np.integer)) else graph[var].index(value)
 
 
 class NCM:
@@ -382,8 +380,7 @@ class NCM:
         g = self.graph
 
         def conv(t):
-            do = {x: _term_index(g, x, val) for x, val in t.interventions}
-            return (do, t.variable, _term_index(g, t.variable, t.value))
+            return (g.value_indices(dict(t.interventions)), t.variable, g[t.variable].as_index(t.value))
 
         return q, [conv(t) for t in q.targets], [conv(t) for t in q.evidence]
 
@@ -442,7 +439,7 @@ class NCM:
     def joint(self, do: Mapping[str, int | str] | None = None) -> np.ndarray:
         """The model's P(V) (or P(V_x) with ``do``), over ``graph.names`` with shape ``graph.shape``."""
         g = self.graph
-        do_idx = {k: _term_index(g, k, x) for k, x in (do or {}).items()}
+        do_idx = g.value_indices(do)
         spec = self._all_spec(do_idx)
         (probs,) = self._eval_specs([spec])
         out = np.zeros(g.shape)
@@ -548,7 +545,7 @@ class NCM:
         for i, v in enumerate(g.names):
             if len(fac) and (fac[:, i].min() < 0 or fac[:, i].max() >= g[v].size):
                 raise NCMError(f"factual values of {v!r} must be indices 0..{g[v].size - 1}")
-        do_idx = {k: _term_index(g, k, x) for k, x in do.items()}
+        do_idx = g.value_indices(do)
         for k, x in do_idx.items():
             if not 0 <= x < g[k].size:
                 raise NCMError(f"do({k}={x}): not a value index of {k!r} (0..{g[k].size - 1})")
@@ -751,16 +748,11 @@ def _train_extreme(model: NCM, cfg: NCMConfig, steps: int, side: str, seed: int,
             progress(step + 1, steps, float(kl.detach()), float(qv.detach()))
 
 
-@dataclass(frozen=True)
-class NCMBounds:
-    """The NCM's interval for a query: the values of its min and max models (not certified)."""
+@dataclass(frozen=True, kw_only=True)
+class NCMBounds(Bounds):
+    """The NCM's interval for a query: the values of its min and max models (``certified`` is False:
+    it is what two trained models reached), with the default model's value and the training figures."""
 
-    lower: float
-    upper: float
-    method: str
-    certified: bool
-    seconds: float
-    query: str
     value: float            # the default model's value
     seconds_max: float
     seconds_min: float

@@ -80,7 +80,7 @@ class SCM:
 
     def evaluate(self, noise: Mapping[str, np.ndarray], do: Mapping[str, int | str] | None = None) -> np.ndarray:
         """Values (indices, shape [n, len(graph.names)]) of every factor for given exogenous draws."""
-        do = self._do_indices(do)
+        do = self.graph.value_indices(do)
         n = len(next(iter(noise.values())))
         values: dict[str, np.ndarray] = {}
         for v in self.graph.names:
@@ -94,13 +94,6 @@ class SCM:
         """(noise, values) for n units."""
         noise = self.sample_exogenous(n, seed)
         return noise, self.evaluate(noise, do)
-
-    def _do_indices(self, do: Mapping[str, int | str] | None) -> dict[str, int]:
-        out = {}
-        for k, v in (do or {}).items():
-            var = self.graph[k]
-            out[k] = int(v) if isinstance(v, (int, np.integer)) else var.index(v)
-        return out
 
     # -- exact enumeration --------------------------------------------------------------------
 
@@ -132,7 +125,7 @@ class SCM:
         worlds: dict[tuple, np.ndarray] = {}
 
         def holds(term) -> np.ndarray:
-            key = term.interventions
+            key = tuple(sorted(term.interventions))  # one world per intervention set, whatever the order
             if key not in worlds:
                 worlds[key] = self.evaluate(noise, dict(key))
             col = self.graph.axis(term.variable)
