@@ -151,17 +151,20 @@ class ANCM:
         v = self.read_factors(images, given) if factual is None else np.asarray(factual, dtype=np.int64)
         cf = self.counterfactual_factors(v, do, n_samples=n_samples, seed=seed, bound=bound)
         n, k = len(images), n_samples
-        u = self.mechanism.abduct(images, v)
-        u_rep = np.repeat(np.asarray(u), k, axis=0)
-        out = np.asarray(self.mechanism.decode(cf.reshape(n * k, -1), u_rep))
-        if self.residual if residual is None else residual:
-            rec = np.asarray(self.mechanism.decode(v, np.asarray(u)))
-            x = images.astype(np.float32) / 255.0
-            out = np.clip(np.repeat(x, k, axis=0) + out - np.repeat(rec, k, axis=0), 0.0, 1.0)
-        from cfedit.imageio import to_uint8
-
-        imgs = to_uint8(out).reshape(n, k, *images.shape[1:])
+        imgs = self.transform(images, v, cf.reshape(n * k, -1), residual=residual).reshape(n, k, *images.shape[1:])
         return EditResult(v, cf, imgs, self.graph.value_indices(do))
+
+    def transform(self, images: np.ndarray, factual: np.ndarray, counterfactual: np.ndarray,
+                  residual: bool | None = None) -> np.ndarray:
+        """The image side of an edit: uint8 images [n, C, S, S] with factual factors [n, k] redrawn
+        with counterfactual factors [n * K, k] (K per image, consecutive); uint8 [n * K, C, S, S].
+
+        Abduction u = abduct(image, factual); the result is decode(counterfactual, u), or with
+        ``residual`` (default: the model's setting) image + decode(counterfactual, u) - decode(factual, u),
+        whose null edit (counterfactual = factual) is the image itself.
+        """
+        return redraw(self.mechanism, images, factual, counterfactual,
+                      self.residual if residual is None else residual)
 
     def descendant_bounds(self, factual_row: np.ndarray, do: Mapping[str, int], cf_row: np.ndarray) -> dict:
         """For each descendant Y of the intervention: the optimal bounds of P(Y_{do} = y′ | factual),
@@ -188,6 +191,29 @@ class ANCM:
         return out
 
 
+def redraw(mechanism, images: np.ndarray, factual: np.ndarray, counterfactual: np.ndarray,
+       residual: bool = False) -> np.ndarray:
+    """:meth:`ANCM.transform` for a bare image mechanism (also used before the ANCM exists)."""
+    from cfedit.imageio import to_uint8
+
+    images = np.asarray(images)
+    factual = np.asarray(factual, dtype=np.int64)
+    counterfactual = np.asarray(counterfactual, dtype=np.int64)
+    n = len(images)
+    if n == 0:
+        return np.zeros((0, *images.shape[1:]), dtype=np.uint8)
+    if len(counterfactual) % n:
+        raise ValueError(f"{len(counterfactual)} counterfactual rows for {n} images (need a multiple)")
+    k = len(counterfactual) // n
+    u = np.asarray(mechanism.abduct(images, factual))
+    out = np.asarray(mechanism.decode(counterfactual, np.repeat(u, k, axis=0)))
+    if residual:
+        rec = np.asarray(mechanism.decode(factual, u))
+        x = images.astype(np.float32) / 255.0
+        out = np.clip(np.repeat(x - rec, k, axis=0) + out, 0.0, 1.0)
+    return to_uint8(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +231,33 @@ class FitOptions:
     data: str | None = None
     mnist_root: str | None = None
     mechanism_options: dict = field(default_factory=dict)
-    residual: bool = False  # edits apply the decoded change to the input (see ANCM.residual)
+    residual: bool | None = None  # edits apply the decoded change to the input (see ANCM.residual)
+
+
+#: Keys of a graph file's ``fit:`` recipe that are not image-mechanism options.
+RECIPE_KEYS = ("epochs", "labeller_epochs", "residual")
+
+
+def resolve_options(graph: CausalGraph, options: FitOptions | None = None) -> FitOptions:
+    """``options`` completed from the graph file's ``fit:`` recipe (explicit options win), with the
+    residual flag passed to the mechanism's training so it learns the edits it will make."""
+    from dataclasses import replace
+
+    from cfedit.image.train import MECHANISM_DEFAULTS
+
+    o = options or FitOptions()
+    recipe = dict(graph.fit)
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS) - set(MECHANISM_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{graph.source or graph.name}: 'fit' has unknown option {unknown[0]!r} (known: "
+                         f"{', '.join(RECIPE_KEYS + tuple(k for k in MECHANISM_DEFAULTS if k not in RECIPE_KEYS))})")
+    mech = {k: v for k, v in recipe.items() if k not in RECIPE_KEYS}
+    mech.update(o.mechanism_options)
+    residual = o.residual if o.residual is not None else bool(recipe.get("residual", False))
+    mech["residual"] = residual
+    return replace(o, epochs=o.epochs if o.epochs is not None else recipe.get("epochs"),
+                   labeller_epochs=o.labeller_epochs if o.labeller_epochs is not None else recipe.get("labeller_epochs"),
+                   residual=residual, mechanism_options=mech)
 
 
 def partial_path(out: str | Path) -> Path:
@@ -243,7 +295,7 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
     from cfedit.data import dataset_for_graph
     from cfedit.image import train_image_mechanism, train_labeller
 
-    o = options or FitOptions()
+    o = resolve_options(graph, options)
     out = Path(out)
     device = torch.device(o.device)
     state = (_load_partial(out) if resume else None) or {}
@@ -292,12 +344,14 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         "features": o.features,
         "tv_pv": float(0.5 * np.abs(features.joint() - pv).sum()),
         **{f"labeller_acc_{k}": v for k, v in labeller_accuracy(labeller, test, graph).items()},
-        "null_edit_mae": null_edit_error(mech, test),
+        "null_edit_mae": null_edit_error(mech, test, residual=o.residual),
+        "reconstruction_mae": null_edit_error(mech, test),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "n_train": len(train),
         "n_test": len(test),
         "seed": o.seed,
         "device": str(device),
+        "recipe": {"epochs": o.epochs, "labeller_epochs": o.labeller_epochs, **o.mechanism_options},
     }
     model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary, residual=o.residual)
     model.save(out)
@@ -317,8 +371,12 @@ def labeller_accuracy(labeller, dataset, graph: CausalGraph) -> dict[str, float]
     return {n: float((pred[:, j] == dataset.factors[:, j]).mean()) for j, n in enumerate(graph.names)}
 
 
-def null_edit_error(mechanism, dataset) -> float:
-    """Mean absolute pixel error (pixels in [0, 1]) of decode(v, abduct(x, v)) against x."""
+def null_edit_error(mechanism, dataset, residual: bool = False) -> float:
+    """Mean absolute pixel error (pixels in [0, 1]) of the null edit against x: the reconstruction
+    decode(v, abduct(x, v)), or with ``residual`` the residual editor's output (uint8, as written)."""
     x = dataset.images
+    if residual:
+        out = redraw(mechanism, x, dataset.factors, dataset.factors, residual=True)
+        return float(np.abs(out.astype(np.float32) - x.astype(np.float32)).mean() / 255.0)
     rec = np.asarray(mechanism.edit(x, dataset.factors, dataset.factors))
     return float(np.abs(rec - x.astype(np.float32) / 255.0).mean())

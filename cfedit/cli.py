@@ -288,7 +288,7 @@ def fit(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from <out>.partial."),
-    residual: bool = typer.Option(False, "--residual", help="Edits apply the decoded change to the input (deep-SCM residual abduction): the null edit returns the input exactly."),
+    residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Edits apply the decoded change to the input (deep-SCM residual abduction): the null edit returns the input exactly. Default: the graph file's fit recipe, else off."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint."),
 ) -> None:
     """Train the feature model, image mechanism and labeller; write one checkpoint."""
@@ -380,11 +380,13 @@ def edit(
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda | cuda:N"),
     residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Apply the decoded change to the input (default: as the checkpoint was fitted)."),
+    keep_size: bool = typer.Option(False, "--keep-size", help="Write outputs at the input's own size: the model's change is upsampled and added to the original."),
 ) -> None:
     """Edit images counterfactually; one JSON line per output on stdout."""
 
     from cfedit.ancm import ANCM
-    from cfedit.imageio import ImageReadError, gather_image_paths, png_bytes, read_image, side_by_side
+    from cfedit.imageio import (ImageReadError, apply_change, gather_image_paths, png_bytes, read_image,
+                                read_original, side_by_side)
     from cfedit.checkpoint import atomic_write_bytes
     from cfedit.query import parse_assignments
 
@@ -417,6 +419,7 @@ def edit(
     for p in paths:
         try:
             img, note = read_image(p, size, channels)
+            original = read_original(p, channels) if keep_size else None
         except ImageReadError as e:
             err_console.print(f"cfedit: error: {e} (skipped)", markup=False, highlight=False)
             failed += 1
@@ -428,14 +431,18 @@ def edit(
         factual = {n: g[n].values[int(v[i])] for i, n in enumerate(g.names)}
         for k, (cf_path, pair_path) in enumerate(names_for(p)):
             cf_img = res.images[0, k]
+            before = img
+            if keep_size:
+                before, cf_img = original, apply_change(original, img, cf_img)
             atomic_write_bytes(cf_path, png_bytes(cf_img))
-            atomic_write_bytes(pair_path, png_bytes(side_by_side(img, cf_img)))
+            atomic_write_bytes(pair_path, png_bytes(side_by_side(before, cf_img)))
             row = res.counterfactual[0, k]
             record = {
                 "input": str(p), "sample": k, "do": do,
                 "factual": factual, "factual_from": {n: ("given" if n in giv else "labeller") for n in g.names},
                 "counterfactual": {n: g[n].values[int(row[i])] for i, n in enumerate(g.names)},
                 "image": str(cf_path), "pair": str(pair_path),
+                "size": [int(cf_img.shape[2]), int(cf_img.shape[1])],
                 "bounds": model.descendant_bounds(v, res.do, row),
                 "bound": bound, "checkpoint": str(ck_path),
             }

@@ -377,6 +377,20 @@ class VariableMetrics:
     gt_mae_same_factors: float | None = None
     gt_factor_match: float | None = None
     n_skipped: int = 0
+    by_value: dict[str, "ValueEffect"] = field(default_factory=dict)
+    kept: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ValueEffect:
+    """Edits to one new value x′ of the intervened factor: how often the reader reads x′ on them
+    (``effectiveness``) and on real test images whose label is x′ (``real_rate``: the most an edit can
+    show through this reader); ``ratio`` = effectiveness / real_rate."""
+
+    n_units: int
+    effectiveness: float
+    real_rate: float | None
+    ratio: float | None
 
 
 @dataclass
@@ -390,6 +404,7 @@ class ModelMetrics:
     preservation: float | None
     agreement: float | None
     composition: dict[str, float]  # MAE after t null edits, keyed by str(t)
+    reconstruction: float  # MAE of the decoder's own reconstruction (= composition '1' unless residual)
     reversibility: float
     gt_mae: float | None
     fid: float
@@ -434,7 +449,12 @@ DEFINITIONS = {
     "effectiveness": "intervened factor read as its new value",
     "preservation": "non-descendants of the intervened factor read as their factual values",
     "agreement": "descendants read as the model's counterfactual factor values",
-    "composition": "pixel MAE (in [0,1]) to the input after t repeated null edits",
+    "composition": "pixel MAE (in [0,1]) to the input after t repeated null edits (the model's editor: "
+                   "residual models return the input)",
+    "reconstruction": "pixel MAE of decode(v, abduct(x, v)) to the input x: the decoder alone",
+    "by_value": "per new value x': effectiveness on the edits to x', the reader's rate of reading x' on real "
+                "test images labelled x', and their ratio",
+    "kept": "per non-descendant factor: the reader reads the same value on the edited image as on the input",
     "reversibility": "pixel MAE to the input after do(X=x') and the edit back to the factual factors",
     "gt_mae": "pixel MAE to the ground-truth counterfactual image (Colored MNIST, do(color) and do(bar))",
     "realism": REALISM_NOTE,
@@ -690,7 +710,6 @@ def scm_name_of(graph: CausalGraph) -> str:
 
 def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metrics, seed, factual, has_gt,
                      report, realism) -> tuple[list[ModelMetrics], dict]:
-    from cfedit.imageio import to_uint8
 
     n_all = len(labels)
     n_m = int(min(n_metrics, n_all))
@@ -704,6 +723,11 @@ def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metric
         new_values[name] = (v_true[:, j] + rng.integers(1, s, size=n_m)) % s if s > 1 else v_true[:, j].copy()
     f_ref = reader.features(images[ref])
     f_real = reader.features(x0)
+    read_pool = reader.read(images)
+    read_x0 = read_pool[units]
+    real_rate = {(j, val): _opt(float((read_pool[labels[:, j] == val, j] == val).mean()))
+                 if (labels[:, j] == val).any() else None
+                 for j, name in enumerate(graph.names) for val in range(graph[name].size)}
     realism = {**realism, "n": n_m, "reference_units": len(ref),
                "fid_floor": None if ref is units else M.frechet_distance(f_ref, f_real),
                "kid_floor": None if ref is units else M.kernel_distance(f_ref, f_real)}
@@ -732,13 +756,22 @@ def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metric
                 if gt_i is not None:
                     gt_f[g_idx], gt_i[g_idx] = ds.counterfactual(units[g_idx], {xname: int(val)})
             read = reader.read(cf_i[ok])
-            back = to_uint8(m.mechanism.edit(cf_i[ok], cf_f[ok], v[ok])) if ok.any() else cf_i[ok]
+            back = m.transform(cf_i[ok], cf_f[ok], v[ok])
+            by_value = {}
+            for val in np.unique(new_values[xname][ok]):
+                sel = new_values[xname][ok] == val
+                eff = float((read[sel, j] == val).mean())
+                rr = real_rate[(j, int(val))]
+                by_value[graph[xname].values[int(val)]] = ValueEffect(int(sel.sum()), eff, rr,
+                                                                      eff / rr if rr else None)
+            kept = {graph.names[z]: float((read[:, z] == read_x0[ok][:, z]).mean()) for z in nondesc} if ok.any() else {}
             vm = VariableMetrics(
                 variable=xname, n_units=int(ok.sum()),
                 effectiveness=M.effectiveness(read, {j: new_values[xname][ok]}),
                 preservation=_opt(M.preservation(read, v_true[ok], nondesc)),
                 agreement=_opt(M.agreement(read, cf_f[ok], [graph.axis(d) for d in desc])),
-                reversibility=M.reversibility(x0[ok], back), n_skipped=int((~ok).sum()))
+                reversibility=M.reversibility(x0[ok], back), n_skipped=int((~ok).sum()),
+                by_value=by_value, kept=kept)
             if gt_i is not None and ok.any():
                 vm.gt_mae = M.mae(cf_i[ok], gt_i[ok])
                 same = ok & (cf_f == gt_f).all(1)
@@ -749,10 +782,10 @@ def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metric
             mix[pick], mix_ok[pick] = cf_i[pick], True
             step += 1
             report("metrics", step, total, {"model": mname, "variable": xname})
-        # composition: repeated null edits through the image mechanism (uint8 between cycles)
+        # composition: repeated null edits through the model's editor (uint8 between cycles)
         xs, x = [], x0
         for _ in range(max(COMPOSITION_CYCLES)):
-            x = to_uint8(m.mechanism.edit(x, v, v))
+            x = m.transform(x, v, v)
             xs.append(x)
         comp = M.composition(x0, xs)
         f_cf = reader.features(mix[mix_ok]) if mix_ok.sum() >= 2 else None
@@ -764,6 +797,7 @@ def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metric
             preservation=_nanmean(vm.preservation for vm in per_var),
             agreement=_nanmean(vm.agreement for vm in per_var),
             composition={str(t): comp[t - 1] for t in COMPOSITION_CYCLES},
+            reconstruction=M.mae(x0, m.transform(x0, v, v, residual=False)),
             reversibility=_nanmean(vm.reversibility for vm in per_var),
             gt_mae=_nanmean(vm.gt_mae for vm in per_var),
             fid=M.frechet_distance(f_ref, f_cf) if f_cf is not None else float("nan"),
@@ -855,13 +889,14 @@ def render_tables(report: EvalReport) -> list:
         tm = Table(title="edit metrics (general, on test units; pixel errors in [0, 1])",
                    caption=f"{REALISM_NOTE} Floor FID {_f(report.realism.get('fid_floor'), 2)}, "
                            f"KID {_f(report.realism.get('kid_floor'), 4)} (n={report.realism.get('n')}).")
-        for col in ("model", "features", "effective", "preserve", "agree", "compose 1/10", "reverse",
-                    "GT MAE", "FID", "KID", "FID null"):
+        for col in ("model", "features", "effective", "preserve", "agree", "null edit 1/10", "recon",
+                    "reverse", "GT MAE", "FID", "KID", "FID null"):
             tm.add_column(col, justify="left" if col in ("model", "features") else "right")
         for mm in report.metrics:
             tm.add_row(mm.model, mm.family, _f(mm.effectiveness), _f(mm.preservation), _f(mm.agreement),
                        f"{_f(mm.composition.get('1'), 4)}/{_f(mm.composition.get('10'), 4)}",
-                       _f(mm.reversibility, 4), _f(mm.gt_mae, 4), _f(mm.fid, 2), _f(mm.kid, 4), _f(mm.fid_null, 2))
+                       _f(mm.reconstruction, 4), _f(mm.reversibility, 4), _f(mm.gt_mae, 4), _f(mm.fid, 2),
+                       _f(mm.kid, 4), _f(mm.fid_null, 2))
         tables.append(tm)
         tv = Table(title="per intervened factor")
         for col in ("model", "do", "units", "effective", "preserve", "agree", "reverse", "GT MAE",
@@ -873,6 +908,20 @@ def render_tables(report: EvalReport) -> list:
                            _f(vm.preservation), _f(vm.agreement), _f(vm.reversibility, 4), _f(vm.gt_mae, 4),
                            _f(vm.gt_mae_same_factors, 4), end_section=i == len(mm.variables) - 1)
         tables.append(tv)
+        te = Table(title="effectiveness per new value against real images, and what each edit kept",
+                   caption="edited: read as the new value; real: real test images labelled with that value read "
+                           "as it; ratio = edited / real. kept: non-descendants read the same before and after.")
+        for col in ("model", "do", "units", "edited", "real", "ratio", "kept (non-descendants)"):
+            te.add_column(col, justify="left" if col in ("model", "do", "kept (non-descendants)") else "right",
+                          overflow="fold")
+        for mm in report.metrics:
+            rows = [(vm, val, ve) for vm in mm.variables for val, ve in vm.by_value.items()]
+            for i, (vm, val, ve) in enumerate(rows):
+                first = val == next(iter(vm.by_value))
+                kept = ", ".join(f"{k} {x:.3f}" for k, x in vm.kept.items()) if first else ""
+                te.add_row(mm.model if i == 0 else "", f"{vm.variable}={val}", str(ve.n_units), _f(ve.effectiveness),
+                           _f(ve.real_rate), _f(ve.ratio), kept, end_section=i == len(rows) - 1)
+        tables.append(te)
     return tables
 
 

@@ -109,6 +109,10 @@ class CausalGraph:
     data: dict[str, Any] | None = None
     queries: dict[str, str] = field(default_factory=dict)
     source: str | None = None
+    # Training recipe for ``cfedit fit`` (epochs, residual, mechanism options such as latent); the
+    # command line overrides it. Not part of the structure: it changes how a model is trained, not
+    # which models fit the graph.
+    fit: dict[str, Any] = field(default_factory=dict)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -237,6 +241,8 @@ class CausalGraph:
             out["data"] = self.data
         if self.queries:
             out["queries"] = dict(self.queries)
+        if self.fit:
+            out["fit"] = dict(self.fit)
         return out
 
     def structure_hash(self) -> str:
@@ -291,7 +297,7 @@ class CausalGraph:
         return CausalGraph(
             name=f"{self.name}-markovian", variables=self.variables, edges=tuple(edges),
             confounders=(), image=self.image, description=self.description, data=self.data,
-            queries=dict(self.queries), source=self.source,
+            queries=dict(self.queries), source=self.source, fit=dict(self.fit),
         )
 
 
@@ -302,7 +308,7 @@ class CausalGraph:
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _EDGE = re.compile(rf"^\s*({_NAME})\s*->\s*({_NAME})\s*$")
 _BIDIRECTED = re.compile(rf"^\s*({_NAME})\s*<->\s*({_NAME})\s*$")
-_TOP_KEYS = {"name", "description", "variables", "edges", "confounders", "image", "data", "queries"}
+_TOP_KEYS = {"name", "description", "variables", "edges", "confounders", "image", "data", "queries", "fit"}
 
 
 class _Lines:
@@ -455,11 +461,16 @@ def graph_from_dict(d: Any, source: str = "<graph>", lines: _Lines | None = None
         raise err("'queries' must be a mapping of name: \"P(...)\"", "queries")
     queries = {str(k): str(v) for k, v in queries.items()}
 
+    fit = d.get("fit") or {}
+    if not isinstance(fit, dict) or not all(isinstance(v, (bool, int, float, str)) for v in fit.values()):
+        raise err("'fit' must be a mapping of training options to numbers, booleans or words, "
+                  "e.g. {epochs: 10, residual: true}", "fit")
+
     try:
         graph = CausalGraph(
             name=name, variables=tuple(variables), edges=tuple(edges), confounders=tuple(confounders),
             image=image, description=str(d.get("description") or ""), data=data, queries=queries,
-            source=source,
+            source=source, fit=dict(fit),
         )
     except GraphError as e:
         raise err(str(e).split(": ", 1)[1], "edges") from None

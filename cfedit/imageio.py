@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -20,43 +21,108 @@ class ImageReadError(ValueError):
     """An input image cannot be read (one line, naming the file)."""
 
 
+def center_square(width: int, height: int) -> tuple[int, int, int]:
+    """The center square of a width x height image as (left, top, side); the whole image if square."""
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side
+
+
+@contextmanager
+def _decoding(where: str):
+    """Turn PIL's decoding failures into a one-line ``ImageReadError`` naming ``where``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        yield
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"{where}: cannot decode image ({' '.join(str(e).split())})") from None
+
+
+def _open_in_mode(data: bytes, channels: int, where: str):
+    """Decode to a PIL image in the model's mode (RGB for 3 channels, else L); return it and notes."""
+    from PIL import Image
+
+    mode = "RGB" if channels == 3 else "L"
+    with _decoding(where), Image.open(io.BytesIO(data)) as im:
+        notes = [f"mode {im.mode} -> {mode}"] if im.mode != mode else []
+        return im.convert(mode), notes
+
+
+def _chw(im, channels: int) -> np.ndarray:
+    arr = np.asarray(im, dtype=np.uint8)
+    arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr)
+
+
 def decode_image(data: bytes, size: int, channels: int, where: str = "image") -> tuple[np.ndarray, str | None]:
     """Decode to uint8 [channels, size, size]; return it and a note saying what was converted.
 
     A non-square image is center-cropped to a square first (faces and digits sit in the middle),
     then resized with Lanczos; the mode is converted to RGB or grayscale.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    im, notes = _open_in_mode(data, channels, where)
+    with _decoding(where):
+        w, h = im.size
+        if w != h:
+            left, top, s = center_square(w, h)
+            im = im.crop((left, top, left + s, top + s))
+            notes.append(f"center-cropped {w}x{h} -> {s}x{s}")
+        if im.size != (size, size):
+            notes.append(f"resized {im.size[0]}x{im.size[1]} -> {size}x{size}")
+            im = im.resize((size, size), Image.Resampling.LANCZOS)
+        arr = _chw(im, channels)
+    return arr, ("; ".join(notes) or None)
+
+
+def _read_bytes(path: str | Path) -> bytes:
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            notes = []
-            mode = "RGB" if channels == 3 else "L"
-            if im.mode != mode:
-                notes.append(f"mode {im.mode} -> {mode}")
-            im = im.convert(mode)
-            w, h = im.size
-            if w != h:
-                s = min(w, h)
-                left, top = (w - s) // 2, (h - s) // 2
-                im = im.crop((left, top, left + s, top + s))
-                notes.append(f"center-cropped {w}x{h} -> {s}x{s}")
-            if im.size != (size, size):
-                notes.append(f"resized {im.size[0]}x{im.size[1]} -> {size}x{size}")
-                im = im.resize((size, size), Image.Resampling.LANCZOS)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"{where}: cannot decode image ({' '.join(str(e).split())})") from None
-    arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr), ("; ".join(notes) or None)
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def read_image(path: str | Path, size: int, channels: int) -> tuple[np.ndarray, str | None]:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ImageReadError(f"{path}: cannot read ({e.strerror})") from None
-    return decode_image(data, size, channels, str(path))
+    return decode_image(_read_bytes(path), size, channels, str(path))
+
+
+def read_original(path: str | Path, channels: int) -> np.ndarray:
+    """The image file at its own resolution, uint8 [channels, H, W], in the model's mode (RGB or L)."""
+    im, _ = _open_in_mode(_read_bytes(path), channels, str(path))
+    with _decoding(str(path)):
+        return _chw(im, channels)
+
+
+def apply_change(original_full: np.ndarray, model_input: np.ndarray, edited: np.ndarray) -> np.ndarray:
+    """Apply a model-resolution edit to the full-resolution original; uint8 [C, H, W] like ``original_full``.
+
+    ``model_input`` (uint8 [C, S, S]) is what the model saw, i.e. the center square of
+    ``original_full`` (see ``center_square``) resized to S; ``edited`` (uint8 [C, S, S]) is the model's
+    output. The change ``edited/255 - model_input/255`` is upsampled bilinearly (pixel centers
+    aligned, i.e. align_corners=False; PIL, which also antialiases when the square is smaller than S)
+    to the side of that center square, added to it, clipped to [0, 1] and rounded to uint8. Pixels
+    outside the center square are returned unchanged, so a null edit returns the original exactly.
+    """
+    from PIL import Image
+
+    original_full = np.asarray(original_full)
+    model_input, edited = np.asarray(model_input), np.asarray(edited)
+    if original_full.ndim != 3 or model_input.shape != edited.shape or model_input.ndim != 3 \
+            or model_input.shape[0] != original_full.shape[0] or model_input.shape[1] != model_input.shape[2]:
+        raise ValueError(f"apply_change: expected [C,H,W], [C,S,S], [C,S,S]; got "
+                         f"{original_full.shape}, {model_input.shape}, {edited.shape}")
+    c, h, w = original_full.shape
+    s = model_input.shape[1]
+    left, top, side = center_square(w, h)
+    change = edited.astype(np.float32) / 255.0 - model_input.astype(np.float32) / 255.0
+    if side != s:
+        change = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(ch)).resize((side, side), Image.Resampling.BILINEAR))
+                           for ch in change])
+    out = original_full.copy()
+    square = original_full[:, top:top + side, left:left + side].astype(np.float64) / 255.0 + change
+    out[:, top:top + side, left:left + side] = to_uint8(square)
+    return out
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -128,3 +128,35 @@ def test_residual_edits_return_the_input_on_the_null_edit(tiny, mnist_root, tmp_
     finally:
         model.residual = False
     assert ANCM.load(tmp_path / "r.safetensors").residual is True
+
+
+def test_fit_recipe_of_the_graph_file_and_its_overrides():
+    from dataclasses import replace
+
+    from cfedit.ancm import resolve_options
+
+    g = load_graph("celeba")
+    o = resolve_options(g)
+    assert o.residual is True and o.epochs == g.fit["epochs"] and o.labeller_epochs == g.fit["labeller_epochs"]
+    assert o.mechanism_options["latent"] == g.fit["latent"] and o.mechanism_options["residual"] is True
+    # explicit options win over the recipe
+    o = resolve_options(g, FitOptions(epochs=2, residual=False, mechanism_options={"latent": 8}))
+    assert (o.epochs, o.residual, o.mechanism_options["latent"], o.mechanism_options["residual"]) == (2, False, 8, False)
+    assert resolve_options(load_graph("backdoor")).mechanism_options == {"residual": False}
+    bad = replace(g, fit={"epochs": 3, "latnet": 4})
+    with pytest.raises(ValueError, match="unknown option 'latnet'"):
+        resolve_options(bad)
+
+
+def test_residual_fit_trains_and_reports_the_residual_null_edit(tmp_path, mnist_root):
+    out = tmp_path / "res.safetensors"
+    model, summary = fit_ancm(load_graph("backdoor"), out, FitOptions(mnist_root=str(mnist_root), residual=True, **TINY))
+    assert model.residual is True and ANCM.load(out).residual is True
+    assert summary["recipe"]["residual"] is True
+    # the editor's null edit is the input up to uint8 rounding; the tiny decoder alone is far off
+    assert summary["null_edit_mae"] < 1e-3 < summary["reconstruction_mae"]
+    ds = BarMNIST("backdoor", "test", n=16, seed=5, root=mnist_root)
+    same = model.transform(ds.images, ds.factors, ds.factors)
+    assert np.abs(same.astype(int) - ds.images.astype(int)).max() <= 1
+    twice = model.transform(ds.images, ds.factors, np.repeat(ds.factors, 2, axis=0))
+    assert twice.shape == (32, *ds.images.shape[1:]) and (twice[0::2] == twice[1::2]).all()

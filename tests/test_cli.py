@@ -81,3 +81,32 @@ def test_fit_cli_writes_checkpoint_and_refuses_overwrite(tmp_path, mnist_root):
     r = run("edit", example, "--set", "digit=7", "-c", out, "--out", tmp_path / "e")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout.splitlines()[-1])["counterfactual"]["digit"] == "7"
+
+
+def test_edit_keep_size_writes_the_inputs_size(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "digit3_red_bar.png"
+    big = tmp_path / "digit3_big.png"
+    with Image.open(example) as im:
+        im.convert("RGB").resize((84, 56), Image.Resampling.BICUBIC).save(big)
+    args = ["edit", big, "--set", "color=green", "--graph", "backdoor"]
+    r = run(*args, "--out", tmp_path / "k", "--keep-size")
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout.splitlines()[-1])
+    assert rec["size"] == [84, 56]
+    with Image.open(rec["image"]) as cf, Image.open(big) as src:
+        assert cf.size == (84, 56)
+        cf_arr, src_arr = np.asarray(cf.convert("RGB")), np.asarray(src.convert("RGB"))
+    # outside the 56x56 center square (columns 14..69) the input is untouched; inside the colour changed
+    assert np.array_equal(cf_arr[:, :14], src_arr[:, :14]) and np.array_equal(cf_arr[:, 70:], src_arr[:, 70:])
+    assert np.abs(cf_arr[:, 14:70].astype(int) - src_arr[:, 14:70].astype(int)).max() > 50
+    with Image.open(rec["pair"]) as pair:
+        assert pair.size == (2 * 84 + 3 * 2, 56 + 2 * 2)
+    r = run(*args, "--out", tmp_path / "m")
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout.splitlines()[-1])
+    assert rec["size"] == [28, 28]
+    with Image.open(rec["image"]) as cf:
+        assert cf.size == (28, 28)

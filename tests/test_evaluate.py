@@ -200,9 +200,25 @@ def test_general_metrics_of_an_exact_editor(exact_report):
         assert v["color"].gt_mae_same_factors < 2e-3 and v["bar"].gt_mae_same_factors < 2e-3
         assert v["bar"].agreement is None and v["color"].agreement == 1.0
         assert np.isfinite([mm.fid, mm.kid, mm.fid_null]).all()
+        # per new value against real images: the oracles read every real and every edited bar
+        assert set(v["bar"].by_value) == {"no", "yes"}
+        for ve in v["bar"].by_value.values():
+            assert ve.effectiveness == 1.0 and ve.real_rate == 1.0 and ve.ratio == 1.0 and ve.n_units > 0
+        assert sum(ve.n_units for ve in v["color"].by_value.values()) == v["color"].n_units
+        # kept: each non-descendant, read the same before and after
+        assert set(v["digit"].kept) == set(rep_graph_nondesc("digit")) and set(v["bar"].kept) == {"digit", "color"}
+        assert 0 <= v["bar"].kept["digit"] <= 1  # (the tiny reader misreads digits on any image)
+        # the conditional baseline resamples color on do(bar); the others keep it
+        assert (v["bar"].kept["color"] == 1.0) == (mm.model != "conditional")
+        assert mm.reconstruction < 2e-3
     digit = {k: {vm.variable: vm for vm in mm.variables}["digit"] for k, mm in m.items()}
     assert digit["canonical"].preservation == 1.0 and digit["none"].preservation == 1.0
     assert digit["conditional"].preservation < 0.8  # resampled the color
+
+
+def rep_graph_nondesc(x):
+    g = load_graph("backdoor")
+    return [z for z in g.names if z != x and z not in g.descendants([x])]
 
 
 def test_tables_chart_grid_and_json_files(exact_report, tmp_path):

@@ -103,6 +103,8 @@ BAD = [
     ("variables:\n  a: [x, y]\nedgez: []\n", "unknown key 'edgez'", 3),
     ("variables:\n  a: {values: [x, y], codes: {x: 1}}\n", "codes lack value(s) y", 2),
     ("variables: [\n", "not valid YAML", None),
+    ("variables:\n  a: [x, y]\nfit: [10]\n", "'fit' must be a mapping", 3),
+    ("variables:\n  a: [x, y]\nfit: {epochs: [1, 2]}\n", "'fit' must be a mapping", 3),
     ("", "empty", None),
 ]
 
@@ -132,3 +134,16 @@ def test_celeba_graph_maps_attribute_columns():
     assert "eyeglasses" not in g.descendants("age")
     assert set(g.descendants("age")) == {"gray_hair", "bald"}
     assert g.image.size == 64 and len(g.queries) >= 4
+    assert g.fit["residual"] is True and g.fit["epochs"] >= 1  # the training recipe of `cfedit fit`
+
+
+def test_fit_recipe_is_not_structure(tmp_path):
+    g = load_graph("celeba")
+    p = tmp_path / "g.yaml"
+    import yaml
+
+    d = g.to_dict()
+    d["fit"] = {"epochs": 1}
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    g2 = load_graph(p)
+    assert g2.fit == {"epochs": 1} and g2.structure_hash() == g.structure_hash()

@@ -47,9 +47,11 @@ LOG_EVERY = 10
 LABELLER_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 2e-3, "lr_decay": True, "width": 32, "hidden": 128,
                      "shift": 2}
 # attr_weight: weight of the attribute-classification loss on edited decodes (in units where the
-# reconstruction term is a per-image sum over pixels); swap_p: chance each factor is resampled.
+# reconstruction term is a per-image sum over pixels); swap_p: chance each factor is resampled;
+# residual: the labeller reads the residual edit x + decode(v', u) - decode(v, u) (what a residual
+# editor outputs) instead of decode(v', u), so the decoded *change* must carry the new attribute.
 MECHANISM_DEFAULTS = {"epochs": 5, "batch_size": 128, "lr": 1e-3, "lr_decay": False, "width": 32, "latent": 16, "hidden": 256,
-                      "beta": 1.0, "attr_weight": 20.0, "swap_p": 0.5}
+                      "beta": 1.0, "attr_weight": 20.0, "swap_p": 0.5, "residual": False}
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +119,8 @@ def train_image_mechanism(dataset, graph, labeller: Labeller | None, epochs: int
         if tuple(labeller.sizes) != tuple(model.sizes) or labeller.channels != model.channels:
             raise ValueError("the labeller was trained for another graph (factor domains or channels differ)")
     sizes = torch.tensor(model.sizes)
-    loss_module = _CVAELoss(model, labeller if use_attr else None, opts["beta"], opts["attr_weight"])
+    loss_module = _CVAELoss(model, labeller if use_attr else None, opts["beta"], opts["attr_weight"],
+                            bool(opts["residual"]))
 
     def step(module, x, v, gen):
         n = len(x)
@@ -137,11 +140,13 @@ def train_image_mechanism(dataset, graph, labeller: Labeller | None, epochs: int
 class _CVAELoss(nn.Module):
     """One training step's losses as a module, so DistributedDataParallel sees a single forward."""
 
-    def __init__(self, mech: ImageMechanism, labeller: Labeller | None, beta: float, attr_weight: float):
+    def __init__(self, mech: ImageMechanism, labeller: Labeller | None, beta: float, attr_weight: float,
+                 residual: bool = False):
         super().__init__()
         self.mech = mech
         self.labeller = labeller
         self.beta, self.attr_weight = float(beta), float(attr_weight)
+        self.residual = bool(residual)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -160,6 +165,8 @@ class _CVAELoss(nn.Module):
         out = {"recon": recon, "kl": kl}
         if self.labeller is not None:
             edited = torch.sigmoid(self.mech.decoder_logits(v_new, u))
+            if self.residual:
+                edited = (x + edited - torch.sigmoid(logits)).clamp(0.0, 1.0)
             attr = sum(F.cross_entropy(lg.float(), v_new[:, j]) for j, lg in enumerate(self.labeller(edited)))
             loss = loss + self.attr_weight * attr
             out["attr"] = attr
