@@ -239,8 +239,7 @@ RECIPE_KEYS = ("epochs", "labeller_epochs", "residual")
 
 
 def resolve_options(graph: CausalGraph, options: FitOptions | None = None) -> FitOptions:
-    """``options`` completed from the graph file's ``fit:`` recipe (explicit options win), with the
-    residual flag passed to the mechanism's training so it learns the edits it will make."""
+    """``options`` completed from the graph file's ``fit:`` recipe (explicit options win)."""
     from dataclasses import replace
 
     from cfedit.image.train import MECHANISM_DEFAULTS
@@ -254,7 +253,6 @@ def resolve_options(graph: CausalGraph, options: FitOptions | None = None) -> Fi
     mech = {k: v for k, v in recipe.items() if k not in RECIPE_KEYS}
     mech.update(o.mechanism_options)
     residual = o.residual if o.residual is not None else bool(recipe.get("residual", False))
-    mech["residual"] = residual
     return replace(o, epochs=o.epochs if o.epochs is not None else recipe.get("epochs"),
                    labeller_epochs=o.labeller_epochs if o.labeller_epochs is not None else recipe.get("labeller_epochs"),
                    residual=residual, mechanism_options=mech)
@@ -351,7 +349,8 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         "n_test": len(test),
         "seed": o.seed,
         "device": str(device),
-        "recipe": {"epochs": o.epochs, "labeller_epochs": o.labeller_epochs, **o.mechanism_options},
+        "recipe": {"epochs": o.epochs, "labeller_epochs": o.labeller_epochs, "residual": o.residual,
+                   **o.mechanism_options},
     }
     model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary, residual=o.residual)
     model.save(out)

@@ -460,6 +460,7 @@ def evaluate_cmd(
     baselines: str = typer.Option("none,conditional,markovian", "--baselines", help="Baseline feature models built from the first checkpoint's image mechanism ('' for none)."),
     n: int = typer.Option(2000, "--n", min=1, help="Test units per query (all matching units when fewer match)."),
     samples: int = typer.Option(4, "--samples", min=1, help="Edits per unit."),
+    n_metrics: int = typer.Option(500, "--n-metrics", min=2, help="Test units for the general edit metrics (effectiveness, preservation, null edits, realism)."),
     query: Optional[List[str]] = typer.Option(None, "--query", "-q", help="An extra query. Repeatable."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for report.json, chart.png and grid.png."),
     reader: Optional[Path] = typer.Option(None, "--reader", help="Independent reader checkpoint (default: trained once and cached)."),
@@ -512,7 +513,7 @@ def evaluate_cmd(
         rd = load_or_train_reader(g, path=reader, data=data, root=mnist_root, device=dev,
                                   progress=progress)
         report = evaluate(g, models, n=n, samples=samples, queries=queries, seed=seed, reader=rd,
-                          progress=progress, data=data, root=mnist_root)
+                          progress=progress, data=data, root=mnist_root, n_metrics=n_metrics)
     if out_dir is not None:
         written = write_outputs(report, out_dir)
         for kind, path in written.items():

@@ -138,11 +138,11 @@ def test_fit_recipe_of_the_graph_file_and_its_overrides():
     g = load_graph("celeba")
     o = resolve_options(g)
     assert o.residual is True and o.epochs == g.fit["epochs"] and o.labeller_epochs == g.fit["labeller_epochs"]
-    assert o.mechanism_options["latent"] == g.fit["latent"] and o.mechanism_options["residual"] is True
+    assert o.mechanism_options["latent"] == g.fit["latent"] and "residual" not in o.mechanism_options
     # explicit options win over the recipe
     o = resolve_options(g, FitOptions(epochs=2, residual=False, mechanism_options={"latent": 8}))
-    assert (o.epochs, o.residual, o.mechanism_options["latent"], o.mechanism_options["residual"]) == (2, False, 8, False)
-    assert resolve_options(load_graph("backdoor")).mechanism_options == {"residual": False}
+    assert (o.epochs, o.residual, o.mechanism_options["latent"]) == (2, False, 8)
+    assert resolve_options(load_graph("backdoor")).mechanism_options == {}
     bad = replace(g, fit={"epochs": 3, "latnet": 4})
     with pytest.raises(ValueError, match="unknown option 'latnet'"):
         resolve_options(bad)

@@ -37,9 +37,11 @@ def test_bad_graph_is_one_line_exit_2(tmp_path):
     assert r.exit_code == 2
 
 
-def test_eval_without_a_checkpoint_says_what_to_do():
-    r = run("eval", "--graph", "celeba")
-    assert r.exit_code == 2 and "no shipped checkpoint for graph 'celeba'" in r.output
+def test_eval_without_a_checkpoint_says_what_to_do(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("name: mine\nvariables:\n  a: [x, y]\n  b: [x, y]\nedges:\n  - a -> b\n")
+    r = run("eval", "--graph", p)
+    assert r.exit_code == 2 and "no shipped checkpoint for graph 'mine'" in r.output
     r = run("eval", "--graph", "backdoor", "--baselines", "cvae")
     assert r.exit_code == 2 and "unknown family 'cvae'" in r.output
 

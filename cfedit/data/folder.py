@@ -406,7 +406,8 @@ def dataset_for_graph(graph: CausalGraph, split: str = "train", n: int | None = 
                       size: int | None = None, disk_cache: bool = False):
     """The data set a graph trains or evaluates on: a folder given by ``data``, else the graph's
     ``data:`` entry — ``{barmnist: backdoor}`` (generated; ``root`` is the MNIST root), or
-    ``{folder: path}`` / ``{images: path, labels: path}`` (relative to the graph file).
+    ``{folder: path}`` / ``{images: path, labels: path}`` (relative to the graph file; environment
+    variables such as ``$CFEDIT_DATA`` are expanded).
 
     For folders, ``split`` picks :func:`heldout_split`'s rows and ``n`` a seeded subset of them.
     """
@@ -422,7 +423,13 @@ def dataset_for_graph(graph: CausalGraph, split: str = "train", n: int | None = 
         images, labels = folder_paths(data)
     elif "folder" in spec or "labels" in spec:
         base = Path(graph.source).parent if graph.source and Path(graph.source).is_file() else Path.cwd()
-        rel = lambda x: Path(x) if Path(x).is_absolute() else base / x  # noqa: E731
+        def rel(x) -> Path:  # $VARIABLES and ~ expand (e.g. $CFEDIT_DATA/faces/celebahq64)
+            text = os.path.expandvars(str(x))
+            if "$" in text:
+                raise DataError(f"{graph.source or graph.name}: data path {x!r} names an environment variable "
+                                f"that is not set; set it or pass --data FOLDER")
+            p = Path(os.path.expanduser(text))
+            return p if p.is_absolute() else base / p
         if "folder" in spec:
             images, labels = folder_paths(rel(spec["folder"]))
         else:

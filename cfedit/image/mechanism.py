@@ -51,7 +51,11 @@ def widths(width: int, n: int) -> list[int]:
 
 def to_float_images(images, device: torch.device | None = None) -> torch.Tensor:
     """A float tensor in [0, 1] from uint8 (0-255) or float images, numpy or torch."""
-    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    if isinstance(images, torch.Tensor):
+        t = images
+    else:
+        a = np.ascontiguousarray(images)
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())  # read-only arrays (cached datasets)
     if device is not None:
         t = t.to(device, non_blocking=True)
     if t.dtype == torch.uint8:

@@ -48,10 +48,19 @@ LABELLER_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 2e-3, "lr_decay": Tru
                      "shift": 2}
 # attr_weight: weight of the attribute-classification loss on edited decodes (in units where the
 # reconstruction term is a per-image sum over pixels); swap_p: chance each factor is resampled;
-# residual: the labeller reads the residual edit x + decode(v', u) - decode(v, u) (what a residual
-# editor outputs) instead of decode(v', u), so the decoded *change* must carry the new attribute.
+# attr_residual: the labeller reads the residual edit x + decode(v', u) - decode(v, u) (what a residual
+# editor outputs) instead of decode(v', u). Measured on CelebA-HQ: it makes the decoder paint
+# adversarial checkerboard and color blotches that any CNN reads as the new attribute (see README), so
+# it is off by default; a residual editor is better served by a decoder trained on whole decodes.
+# attr_shift / attr_flip: the labeller reads the edit randomly translated by up to this many pixels /
+# mirrored left-right (faces, not digits), so an edit must carry the attribute in a form that survives
+# them — not in a pattern that happens to fool this one frozen network.
+# adv_weight: weight (in attr_weight's units) of an adversarial loss that makes the residual edit
+# x + decode(v', u) - decode(v, u) indistinguishable from real images for a patch discriminator trained
+# alongside (0: off).
 MECHANISM_DEFAULTS = {"epochs": 5, "batch_size": 128, "lr": 1e-3, "lr_decay": False, "width": 32, "latent": 16, "hidden": 256,
-                      "beta": 1.0, "attr_weight": 20.0, "swap_p": 0.5, "residual": False}
+                      "beta": 1.0, "attr_weight": 20.0, "swap_p": 0.5, "attr_residual": False, "attr_shift": 0,
+                      "attr_flip": False, "adv_weight": 0.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,8 +128,16 @@ def train_image_mechanism(dataset, graph, labeller: Labeller | None, epochs: int
         if tuple(labeller.sizes) != tuple(model.sizes) or labeller.channels != model.channels:
             raise ValueError("the labeller was trained for another graph (factor domains or channels differ)")
     sizes = torch.tensor(model.sizes)
+    disc = None
+    if opts["adv_weight"] > 0:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 7)
+            disc = PatchDiscriminator(model.channels)
+        if state is not None and "aux" in state:
+            disc.load_state_dict(state["aux"])
     loss_module = _CVAELoss(model, labeller if use_attr else None, opts["beta"], opts["attr_weight"],
-                            bool(opts["residual"]))
+                            bool(opts["attr_residual"]), int(opts["attr_shift"]), disc, float(opts["adv_weight"]))
+    loss_module.to(device)
 
     def step(module, x, v, gen):
         n = len(x)
@@ -128,7 +145,11 @@ def train_image_mechanism(dataset, graph, labeller: Labeller | None, epochs: int
         swap = torch.rand(n, len(model.sizes), generator=gen) < opts["swap_p"]
         rand = (torch.rand(n, len(model.sizes), generator=gen) * sizes).long().clamp_max(sizes - 1)
         v_new = torch.where(swap.to(v.device), rand.to(v.device), v)
-        return module(x, v, eps, v_new)
+        s = int(opts["attr_shift"])
+        # drawn only when used, so runs without them keep their random stream (and results)
+        offsets = torch.randint(0, 2 * s + 1, (n, 2), generator=gen).to(x.device) if s else None
+        flips = (torch.rand(n, generator=gen) < 0.5).to(x.device) if opts["attr_flip"] else None
+        return module(x, v, eps, v_new, offsets, flips)
 
     return _fit(model, loss_module, step, dataset, opts, device, seed, progress, state, on_epoch)
 
@@ -137,16 +158,36 @@ def train_image_mechanism(dataset, graph, labeller: Labeller | None, epochs: int
 # Loss modules
 # --------------------------------------------------------------------------------------------
 
+class PatchDiscriminator(nn.Module):
+    """Real or edited, per 8x8 patch (at 64 px): three stride-2 convs with spectral norm. Used only in
+    training (adv_weight > 0); it never ships in a checkpoint."""
+
+    def __init__(self, channels: int, width: int = 32):
+        super().__init__()
+        sn = nn.utils.spectral_norm
+        self.net = nn.Sequential(
+            sn(nn.Conv2d(channels, width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(width, 2 * width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(2 * width, 4 * width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(4 * width, 1, 3, 1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * 2 - 1)
+
+
 class _CVAELoss(nn.Module):
     """One training step's losses as a module, so DistributedDataParallel sees a single forward."""
 
     def __init__(self, mech: ImageMechanism, labeller: Labeller | None, beta: float, attr_weight: float,
-                 residual: bool = False):
+                 residual: bool = False, attr_shift: int = 0, disc: nn.Module | None = None,
+                 adv_weight: float = 0.0):
         super().__init__()
         self.mech = mech
         self.labeller = labeller
         self.beta, self.attr_weight = float(beta), float(attr_weight)
-        self.residual = bool(residual)
+        self.residual, self.attr_shift = bool(residual), int(attr_shift)
+        self.aux = disc  # trained alongside (saved in the resume state as "aux"), never shipped
+        self.adv_weight = float(adv_weight)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -154,7 +195,7 @@ class _CVAELoss(nn.Module):
             self.labeller.eval()  # frozen
         return self
 
-    def forward(self, x, v, eps, v_new) -> dict[str, torch.Tensor]:
+    def forward(self, x, v, eps, v_new, offsets=None, flips=None) -> dict[str, torch.Tensor]:
         n = len(x)
         mu, logvar = self.mech.encode(x, v)
         u = mu + eps.to(mu.dtype) * (0.5 * logvar).exp()
@@ -167,9 +208,25 @@ class _CVAELoss(nn.Module):
             edited = torch.sigmoid(self.mech.decoder_logits(v_new, u))
             if self.residual:
                 edited = (x + edited - torch.sigmoid(logits)).clamp(0.0, 1.0)
+            if offsets is not None:
+                edited = shift_by(edited, offsets, self.attr_shift)
+            if flips is not None:
+                edited = torch.where(flips[:, None, None, None], edited.flip(-1), edited)
             attr = sum(F.cross_entropy(lg.float(), v_new[:, j]) for j, lg in enumerate(self.labeller(edited)))
             loss = loss + self.attr_weight * attr
             out["attr"] = attr
+        if self.aux is not None:
+            # adversarial realism of what a residual editor outputs: x + decode(v', u) - decode(v, u).
+            # One optimizer step trains both sides: the discriminator sees the edit detached, and the
+            # editor's loss goes through a frozen copy of the discriminator's weights.
+            fake = (x + torch.sigmoid(self.mech.decoder_logits(v_new, u)) - torch.sigmoid(logits)).clamp(0.0, 1.0)
+            real = x.roll(1, 0)  # other images of the batch
+            d_loss = F.softplus(-self.aux(real)).mean() + F.softplus(self.aux(fake.detach())).mean()
+            frozen = {k: t.detach() for k, t in self.aux.named_parameters()}
+            frozen.update({k: t for k, t in self.aux.named_buffers()})
+            g_adv = F.softplus(-torch.func.functional_call(self.aux, frozen, (fake,))).mean()
+            loss = loss + d_loss + self.adv_weight * g_adv
+            out["d_loss"], out["g_adv"] = d_loss, g_adv
         out["loss"] = loss
         return out
 
@@ -237,8 +294,12 @@ def _batches(dataset, idx: torch.Tensor, batch_size: int, device) -> Iterator[tu
 
 def random_shift(x: torch.Tensor, s: int, gen: torch.Generator) -> torch.Tensor:
     """Each image translated by its own random offset in [-s, s]^2, zero-padded (x: [n, C, H, W])."""
+    return shift_by(x, torch.randint(0, 2 * s + 1, (len(x), 2), generator=gen).to(x.device), s)
+
+
+def shift_by(x: torch.Tensor, off: torch.Tensor, s: int) -> torch.Tensor:
+    """Image i translated by off[i] - s pixels (off: long [n, 2] in [0, 2s]), zero-padded."""
     n, c, h, w = x.shape
-    off = torch.randint(0, 2 * s + 1, (n, 2), generator=gen).to(x.device)
     xp = F.pad(x, (s, s, s, s))
     rows = (off[:, :1] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (off[:, 1:] + torch.arange(w, device=x.device))[:, None, None, :]
@@ -265,7 +326,11 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
     # one stream per rank (rank 0's equals a single-process run); shuffling under torchrun is the
     # DistributedSampler's, seeded by ``seed`` and the epoch
     gen = torch.Generator().manual_seed(int(seed) + 1_000_003 * rank)
-    opt = torch.optim.Adam(model.parameters(), lr=opts["lr"])
+    # the model's parameters first (so a run without auxiliary networks is unchanged), then any
+    # trainable auxiliary network of the loss module (the discriminator)
+    aux = getattr(module, "aux", None)
+    params = list(model.parameters()) + ([p for p in aux.parameters()] if aux is not None else [])
+    opt = torch.optim.Adam(params, lr=opts["lr"])
     start_epoch, step, history = 0, 0, []
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -313,9 +378,12 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
         metrics.update(epoch=epoch + 1, seconds=seconds0 + time.perf_counter() - t0)
         history.append(metrics)
         if on_epoch is not None and rank == 0:
-            on_epoch({"model": _cpu(model.state_dict()), "config": model.config(),
-                      "optimizer": _cpu(opt.state_dict()), "epoch": epoch + 1, "step": step,
-                      "rng": gen.get_state(), "history": copy.deepcopy(history)})
+            saved = {"model": _cpu(model.state_dict()), "config": model.config(),
+                     "optimizer": _cpu(opt.state_dict()), "epoch": epoch + 1, "step": step,
+                     "rng": gen.get_state(), "history": copy.deepcopy(history)}
+            if aux is not None:
+                saved["aux"] = _cpu(aux.state_dict())
+            on_epoch(saved)
     model.eval()
     final = dict(history[-1]) if history else {}
     final["seconds"] = seconds0 + time.perf_counter() - t0
