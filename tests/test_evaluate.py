@@ -211,6 +211,8 @@ def test_general_metrics_of_an_exact_editor(exact_report):
         # the conditional baseline resamples color on do(bar); the others keep it
         assert (v["bar"].kept["color"] == 1.0) == (mm.model != "conditional")
         assert mm.reconstruction < 2e-3
+    # the oracles read color and bar the same after a one-pixel shift
+    assert rep.realism["reader_shift_kept"]["color"] == 1.0 and rep.realism["reader_shift_kept"]["bar"] == 1.0
     digit = {k: {vm.variable: vm for vm in mm.variables}["digit"] for k, mm in m.items()}
     assert digit["canonical"].preservation == 1.0 and digit["none"].preservation == 1.0
     assert digit["conditional"].preservation < 0.8  # resampled the color

@@ -57,10 +57,11 @@ LABELLER_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 2e-3, "lr_decay": Tru
 # them — not in a pattern that happens to fool this one frozen network.
 # adv_weight: weight (in attr_weight's units) of an adversarial loss that makes the residual edit
 # x + decode(v', u) - decode(v, u) indistinguishable from real images for a patch discriminator trained
-# alongside (0: off).
+# alongside (0: off). skip: U-Net skip connections from the encoder to the decoder (0: none; 1: the
+# maps one halving above the base), so reconstructions keep the image's own detail (faces).
 MECHANISM_DEFAULTS = {"epochs": 5, "batch_size": 128, "lr": 1e-3, "lr_decay": False, "width": 32, "latent": 16, "hidden": 256,
                       "beta": 1.0, "attr_weight": 20.0, "swap_p": 0.5, "attr_residual": False, "attr_shift": 0,
-                      "attr_flip": False, "adv_weight": 0.0}
+                      "attr_flip": False, "adv_weight": 0.0, "skip": 0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def train_image_mechanism(dataset, graph, labeller: Labeller | None, epochs: int
     opts = _options(MECHANISM_DEFAULTS, options, epochs)
     device = torch.device(device)
     model = _init(lambda: ImageMechanism.for_graph(graph, width=opts["width"], latent=opts["latent"],
-                                                   hidden=opts["hidden"]), seed, state).to(device)
+                                                   hidden=opts["hidden"], skip=opts["skip"]), seed, state).to(device)
     use_attr = labeller is not None and opts["attr_weight"] > 0
     if use_attr:
         labeller = copy.deepcopy(labeller).to(device).eval()
@@ -197,8 +198,8 @@ class _CVAELoss(nn.Module):
 
     def forward(self, x, v, eps, v_new, offsets=None, flips=None) -> dict[str, torch.Tensor]:
         n = len(x)
-        mu, logvar = self.mech.encode(x, v)
-        u = mu + eps.to(mu.dtype) * (0.5 * logvar).exp()
+        mu, logvar, skips = self.mech.encode_full(x, v)
+        u = torch.cat([mu + eps.to(mu.dtype) * (0.5 * logvar).exp(), skips], 1)
         logits = self.mech.decoder_logits(v, u)
         recon = F.binary_cross_entropy_with_logits(logits.float(), x, reduction="sum") / n
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).float().sum() / n
