@@ -801,14 +801,20 @@ def solve_bounds(graph: CausalGraph, pv: np.ndarray, terms: Sequence[tuple[float
 
     num = [(w, event_monomials(graph, q.targets + q.evidence)) for w, q in queries]
     factual_ev = all(t.is_factual for t in evidence_terms)
-    den_monos = [] if factual_ev else event_monomials(graph, evidence_terms)
+    den_monos = event_monomials(graph, evidence_terms)
     spaces = problem.spaces_for([m for _, m in num] + [den_monos])
     N = _polynomial(problem, spaces, num)
 
     if factual_ev:
-        p_e = _factual_prob(graph, problem.pv, evidence_terms)
-        if p_e <= 0:
+        if _factual_prob(graph, problem.pv, evidence_terms) <= 0:
             raise BoundsError(f"the evidence of {text} has probability zero under P(V)")
+        # P(evidence) under the graph's factorisation of P(V) (Tian's Q-factors), the same one the
+        # numerator uses: where the data break the graph's independences the empirical P(evidence)
+        # differs, and their ratio would violate consistency (P(Y_x = y | X = x, Y = y, ...) < 1).
+        D = _polynomial(problem, spaces, [(1.0, den_monos)])
+        p_e = float((D.coef * D.const).sum()) if not D.F else _factual_prob(graph, problem.pv, evidence_terms)
+        if p_e <= 1e-15:
+            raise BoundsError(f"the evidence of {text} has probability zero under the graph's model of P(V)")
         D = None
     else:
         D = _polynomial(problem, spaces, [(1.0, den_monos)])

@@ -258,3 +258,18 @@ def test_empirical_pv_with_noise(settings, name):
             b = compute_bounds(g, p, text)
             assert 0.0 <= b.lower <= b.upper <= 1.0
             assert abs(b.lower - exact.lower) < 0.1 and abs(b.upper - exact.upper) < 0.1, (text, b, exact)
+
+
+def test_consistency_holds_when_the_data_break_the_graphs_independences():
+    """P(b_{a=x}=y | a=x, b=y, c) = 1 by consistency, even where P(V) is not Markov to the graph
+    (here c is a lone root but correlated with b): numerator and P(evidence) must come from the same
+    factorisation of P(V)."""
+    from cfedit.graph import graph_from_dict
+
+    g = graph_from_dict({"name": "misfit", "variables": {"a": [0, 1], "b": [0, 1], "c": [0, 1]},
+                         "edges": ["a -> b"]})
+    pv = np.random.default_rng(3).dirichlet(np.ones(8)).reshape(2, 2, 2)  # c depends on a and b
+    for a, b, c in itertools.product((0, 1), repeat=3):
+        q = f"P(b_{{a={a}}}={b} | a={a}, b={b}, c={c})"
+        r = compute_bounds(g, pv, q)
+        assert r.lower == pytest.approx(1.0) and r.upper == pytest.approx(1.0), q
