@@ -963,12 +963,20 @@ def _fit_text(draw, text: str, font, width: int) -> str:
 
 
 COLORS = {"inside": (30, 140, 60), "outside": (200, 40, 40), "none": (90, 90, 90), "bounds": (190, 215, 240),
-          "truth": (0, 0, 0), "grid": (225, 225, 225), "text": (20, 20, 20)}
+          "truth": (0, 0, 0), "grid": (225, 225, 225), "text": (20, 20, 20), "reader": (225, 135, 0)}
+
+
+def _reader_shifts(q: QueryReport) -> bool:
+    """Whether the reader's error moves this query's bounds visibly (not where oracles read it exactly)."""
+    return q.reader_lower is not None and q.lower is not None and (
+        abs(q.reader_lower - q.lower) > 0.002 or abs(q.reader_upper - q.upper) > 0.002)
 
 
 def write_chart(report: EvalReport, path: str | Path, width: int = 760) -> Path:
     """A PNG with one panel per query: the bounds as a shaded bar, the true value as a black tick, and
-    each model's estimate (dot) with its 95 % interval (line), green when inside, red when outside."""
+    each model's estimate (dot) with its 95 % interval (line), green when inside, red when outside.
+    Where the reader errs, the bounds as the reader shows them are an orange frame, and an estimate
+    outside the bounds but inside that frame is orange."""
     from PIL import Image, ImageDraw
 
     from cfedit.checkpoint import atomic_write_bytes
@@ -999,6 +1007,9 @@ def write_chart(report: EvalReport, path: str | Path, width: int = 760) -> Path:
         d.ellipse([lx + 8, 12, lx + 16, 20], fill=COLORS[key])
         d.text((lx + 30, 9), lab, fill=COLORS["text"], font=small)
         lx += 50 + _text_width(d, lab, small)
+    if any(_reader_shifts(q) for q in qrs):
+        d.rectangle([lx, 10, lx + 24, 22], outline=COLORS["reader"], width=2)
+        d.text((lx + 30, 9), "as the reader shows them", fill=COLORS["text"], font=small)
     if not qrs:
         d.text((10, legend_h + 10), "no query could be evaluated", fill=COLORS["text"], font=font)
     y = legend_h + gap
@@ -1014,6 +1025,9 @@ def write_chart(report: EvalReport, path: str | Path, width: int = 760) -> Path:
         if q.lower is not None:
             d.rectangle([X(q.lower) - (1 if q.upper - q.lower < 0.004 else 0), top,
                          X(q.upper) + (1 if q.upper - q.lower < 0.004 else 0), bottom], fill=COLORS["bounds"])
+        if _reader_shifts(q):
+            d.rectangle([X(q.reader_lower) - 1, top + 1, X(q.reader_upper) + 1, bottom - 1],
+                        outline=COLORS["reader"], width=2)
         if q.truth is not None:
             d.line([X(q.truth), top - 4, X(q.truth), bottom + 2], fill=COLORS["truth"], width=3)
         for i, r in enumerate(q.results):
@@ -1021,7 +1035,8 @@ def write_chart(report: EvalReport, path: str | Path, width: int = 760) -> Path:
             d.text((10, cy - 7), _fit_text(d, r.model, small, left - 20), fill=COLORS["text"], font=small)
             if r.value is None or math.isnan(r.value):
                 continue
-            key = "none" if r.verdict is None else ("inside" if r.verdict.inside else "outside")
+            key = "none" if r.verdict is None else ("inside" if r.verdict.inside else "reader" if (
+                r.verdict_reader is not None and r.verdict_reader.inside) else "outside")
             col = COLORS[key]
             d.line([X(r.lower), cy, X(r.upper), cy], fill=col, width=2)
             d.line([X(r.lower), cy - 4, X(r.lower), cy + 4], fill=col, width=2)
