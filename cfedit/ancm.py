@@ -192,7 +192,7 @@ class ANCM:
 
 
 def redraw(mechanism, images: np.ndarray, factual: np.ndarray, counterfactual: np.ndarray,
-       residual: bool = False) -> np.ndarray:
+           residual: bool = False) -> np.ndarray:
     """:meth:`ANCM.transform` for a bare image mechanism (also used before the ANCM exists)."""
     from cfedit.imageio import to_uint8
 

@@ -160,8 +160,8 @@ def train_image_mechanism(dataset, graph, labeller: Labeller | None, epochs: int
 # --------------------------------------------------------------------------------------------
 
 class PatchDiscriminator(nn.Module):
-    """Real or edited, per 8x8 patch (at 64 px): three stride-2 convs with spectral norm. Used only in
-    training (adv_weight > 0); it never ships in a checkpoint."""
+    """Real or edited, per 8x8 patch (at 64 px): three stride-2 convs and a 3x3 head, spectrally
+    normalised. Used only in training (adv_weight > 0); it never ships in a checkpoint."""
 
     def __init__(self, channels: int, width: int = 32):
         super().__init__()
@@ -205,8 +205,9 @@ class _CVAELoss(nn.Module):
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).float().sum() / n
         loss = recon + self.beta * kl
         out = {"recon": recon, "kl": kl}
+        redrawn = torch.sigmoid(self.mech.decoder_logits(v_new, u)) if (self.labeller is not None or self.aux is not None) else None
         if self.labeller is not None:
-            edited = torch.sigmoid(self.mech.decoder_logits(v_new, u))
+            edited = redrawn
             if self.residual:
                 edited = (x + edited - torch.sigmoid(logits)).clamp(0.0, 1.0)
             if offsets is not None:
@@ -220,7 +221,7 @@ class _CVAELoss(nn.Module):
             # adversarial realism of what a residual editor outputs: x + decode(v', u) - decode(v, u).
             # One optimizer step trains both sides: the discriminator sees the edit detached, and the
             # editor's loss goes through a frozen copy of the discriminator's weights.
-            fake = (x + torch.sigmoid(self.mech.decoder_logits(v_new, u)) - torch.sigmoid(logits)).clamp(0.0, 1.0)
+            fake = (x + redrawn - torch.sigmoid(logits)).clamp(0.0, 1.0)
             real = x.roll(1, 0)  # other images of the batch
             d_loss = F.softplus(-self.aux(real)).mean() + F.softplus(self.aux(fake.detach())).mean()
             frozen = {k: t.detach() for k, t in self.aux.named_parameters()}
