@@ -91,9 +91,10 @@ def test_the_shipped_face_model_meets_these_bars(face_report):
     assert v["age"].kept["eyeglasses"] >= 0.95
     assert mm.composition["1"] <= 0.02
     q = {qr.name: qr for qr in rep.queries}
-    for name in ("gray_if_old_female", "gray_if_old_male"):  # inside, allowing for the reader's error
+    for name in ("gray_if_old_female", "gray_if_old_male"):
+        # inside the bounds (men), or inside them as the reader shows them (women: the reader misses gray)
         (r,) = q[name].results
-        assert r.verdict_reader is not None and r.verdict_reader.inside, (name, r)
+        assert r.verdict.inside or (r.verdict_reader is not None and r.verdict_reader.inside), (name, r)
 
 
 @pytest.mark.slow
