@@ -19,6 +19,7 @@ from torch import nn
 
 from cfedit.image.mechanism import (
     INFER_BATCH,
+    FactorModule,
     _check_images,
     down_plan,
     like_input,
@@ -27,8 +28,10 @@ from cfedit.image.mechanism import (
 )
 
 
-class Labeller(nn.Module):
+class Labeller(FactorModule):
     """Image -> logits of every factor. ``forward(x)`` returns a list of [n, size_j] logit tensors."""
+
+    KIND, WHAT = "cnn", "labeller"
 
     def __init__(self, names: Sequence[str], sizes: Sequence[int], channels: int = 3, size: int = 28,
                  width: int = 32, hidden: int = 128):
@@ -53,22 +56,6 @@ class Labeller(nn.Module):
         return {"kind": "cnn", "names": list(self.names), "sizes": list(self.sizes), "channels": self.channels,
                 "size": self.size, "width": self.width, "hidden": self.hidden}
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Labeller:
-        cfg = dict(config)
-        kind = cfg.pop("kind", "cnn")
-        if kind != "cnn":
-            raise ValueError(f"unknown labeller kind {kind!r}")
-        return cls(**cfg)
-
-    @classmethod
-    def for_graph(cls, graph, **kw) -> Labeller:
-        return cls(graph.names, [v.size for v in graph.variables], graph.image.channels, graph.image.size, **kw)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits per factor of float images [n, C, S, S] in [0, 1]."""
         h = self.features(x * 2 - 1)
@@ -78,17 +65,14 @@ class Labeller(nn.Module):
     def predict_proba(self, images, batch_size: int = INFER_BATCH) -> list:
         """Per factor, probabilities [n, size_j] (numpy or torch, following ``images``)."""
         dev = self.device
-        was = self.training
-        self.eval()
-        parts: list[list[torch.Tensor]] = [[] for _ in self.sizes]
-        try:
-            for i in range(0, len(images), batch_size):
-                x = to_float_images(images[i:i + batch_size], dev)
-                _check_images(x, self.channels, self.size)
-                for j, lg in enumerate(self(x)):
-                    parts[j].append(lg.float().softmax(1))
-        finally:
-            self.train(was)
+
+        def step(i: int, j: int) -> list[torch.Tensor]:
+            x = to_float_images(images[i:j], dev)
+            _check_images(x, self.channels, self.size)
+            return [lg.float().softmax(1) for lg in self(x)]
+
+        batches = self._in_batches(len(images), batch_size, step)
+        parts = [[b[j] for b in batches] for j in range(len(self.sizes))]
         return [like_input(torch.cat(p) if p else torch.zeros(0, s, device=dev), images)
                 for p, s in zip(parts, self.sizes)]
 
@@ -96,15 +80,12 @@ class Labeller(nn.Module):
     def predict(self, images, batch_size: int = INFER_BATCH):
         """Factor value indices int64 [n, k] of images [n, C, S, S] (uint8 or float in [0, 1])."""
         dev = self.device
-        was = self.training
-        self.eval()
-        outs = []
-        try:
-            for i in range(0, len(images), batch_size):
-                x = to_float_images(images[i:i + batch_size], dev)
-                _check_images(x, self.channels, self.size)
-                outs.append(torch.stack([lg.argmax(1) for lg in self(x)], 1))
-        finally:
-            self.train(was)
+
+        def step(i: int, j: int) -> torch.Tensor:
+            x = to_float_images(images[i:j], dev)
+            _check_images(x, self.channels, self.size)
+            return torch.stack([lg.argmax(1) for lg in self(x)], 1)
+
+        outs = self._in_batches(len(images), batch_size, step)
         out = torch.cat(outs) if outs else torch.zeros(0, len(self.sizes), dtype=torch.long, device=dev)
         return like_input(out, images)

@@ -94,15 +94,50 @@ def _check_images(x: torch.Tensor, channels: int, size: int) -> None:
         raise ValueError(f"images must be [n, {channels}, {size}, {size}], got shape {tuple(x.shape)}")
 
 
+class FactorModule(nn.Module):
+    """What the labeller and the image mechanism share: built from a graph's factors and image, saved as
+    a plain config (``kind`` plus constructor arguments), evaluated batch by batch in eval mode."""
+
+    KIND = ""  # the config's "kind"
+    WHAT = ""  # how errors name it
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]):
+        cfg = dict(config)
+        kind = cfg.pop("kind", cls.KIND)
+        if kind != cls.KIND:
+            raise ValueError(f"unknown {cls.WHAT} kind {kind!r}")
+        return cls(**cfg)
+
+    @classmethod
+    def for_graph(cls, graph, **kw):
+        return cls(graph.names, [v.size for v in graph.variables], graph.image.channels, graph.image.size, **kw)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _in_batches(self, n: int, batch_size: int, step) -> list[torch.Tensor]:
+        """[step(i, j) for each batch i:j of n] in eval mode, restoring the training mode after."""
+        was = self.training
+        self.eval()
+        try:
+            return [step(i, i + batch_size) for i in range(0, n, batch_size)]
+        finally:
+            self.train(was)
+
+
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
 
-class ImageMechanism(nn.Module):
+class ImageMechanism(FactorModule):
     """Conditional VAE: ``encode(images, factors) -> (mu, logvar)``, ``decoder_logits(factors, u)``.
 
     ``names``/``sizes`` are the graph's factors in ``graph.names`` order; ``latent`` is dim U_I.
     """
+
+    KIND, WHAT = "cvae", "image mechanism"
 
     def __init__(self, names: Sequence[str], sizes: Sequence[int], channels: int = 3, size: int = 28,
                  width: int = 32, latent: int = 16, hidden: int = 256, skip: int = 0):
@@ -161,22 +196,6 @@ class ImageMechanism(nn.Module):
             cfg["skip"] = self.skip
         return cfg
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> ImageMechanism:
-        cfg = dict(config)
-        kind = cfg.pop("kind", "cvae")
-        if kind != "cvae":
-            raise ValueError(f"unknown image mechanism kind {kind!r}")
-        return cls(**cfg)
-
-    @classmethod
-    def for_graph(cls, graph, **kw) -> ImageMechanism:
-        return cls(graph.names, [v.size for v in graph.variables], graph.image.channels, graph.image.size, **kw)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
     @property
     def u_dim(self) -> int:
         """Size of the abducted u_I: the latent plus the flattened skip maps."""
@@ -222,10 +241,14 @@ class ImageMechanism(nn.Module):
             h = layer(h)
         return h
 
+    def posterior_mean(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """The abducted u_I [n, u_dim]: the posterior mean of the latent, then any skip maps."""
+        mu, _, skips = self.encode_full(x, factors)
+        return torch.cat([mu, skips], 1)
+
     def forward(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
         """Reconstruction (float [0, 1]) through the posterior mean: the null edit."""
-        mu, _, skips = self.encode_full(x, factors)
-        return torch.sigmoid(self.decoder_logits(factors, torch.cat([mu, skips], 1)))
+        return torch.sigmoid(self.decoder_logits(factors, self.posterior_mean(x, factors)))
 
     # -- batched inference -------------------------------------------------------------------
 
@@ -233,44 +256,33 @@ class ImageMechanism(nn.Module):
     def abduct(self, images, factors, batch_size: int = INFER_BATCH):
         """u_I [n, u_dim] (the posterior mean, then any skip maps) of images [n, C, S, S] with factual factors [n, k]."""
         dev = self.device
-        x_all, v_all = images, factors
-        n = len(x_all)
-        outs = []
-        was = self.training
-        self.eval()
-        try:
-            for i in range(0, n, batch_size):
-                x = to_float_images(x_all[i:i + batch_size], dev)
-                v = to_long(v_all[i:i + batch_size], dev)
-                _check_images(x, self.channels, self.size)
-                _check_factors(v, self.sizes)
-                mu, _, skips = self.encode_full(x, v)
-                outs.append(torch.cat([mu, skips], 1).float())
-        finally:
-            self.train(was)
+
+        def step(i: int, j: int) -> torch.Tensor:
+            x, v = to_float_images(images[i:j], dev), to_long(factors[i:j], dev)
+            _check_images(x, self.channels, self.size)
+            _check_factors(v, self.sizes)
+            return self.posterior_mean(x, v).float()
+
+        outs = self._in_batches(len(images), batch_size, step)
         u = torch.cat(outs) if outs else torch.zeros(0, self.u_dim, device=dev)
         return like_input(u, images)
 
     @torch.inference_mode()
     def decode(self, factors, u, batch_size: int = INFER_BATCH):
-        """Images float [n, C, S, S] in [0, 1] of factors [n, k] (value indices) and noise u [n, latent].
+        """Images float [n, C, S, S] in [0, 1] of factors [n, k] (value indices) and noise u [n, u_dim].
 
         Numpy out when ``u`` is numpy, else a tensor on ``u``'s device.
         """
         dev = self.device
-        n = len(u)
-        outs = []
-        was = self.training
-        self.eval()
-        try:
-            for i in range(0, n, batch_size):
-                v = to_long(factors[i:i + batch_size], dev)
-                z = (u[i:i + batch_size] if isinstance(u, torch.Tensor)
-                     else torch.from_numpy(np.asarray(u[i:i + batch_size], dtype=np.float32))).to(dev).float()
-                _check_factors(v, self.sizes)
-                outs.append(torch.sigmoid(self.decoder_logits(v, z)).float())
-        finally:
-            self.train(was)
+
+        def step(i: int, j: int) -> torch.Tensor:
+            v = to_long(factors[i:j], dev)
+            z = (u[i:j] if isinstance(u, torch.Tensor)
+                 else torch.from_numpy(np.asarray(u[i:j], dtype=np.float32))).to(dev).float()
+            _check_factors(v, self.sizes)
+            return torch.sigmoid(self.decoder_logits(v, z)).float()
+
+        outs = self._in_batches(len(u), batch_size, step)
         out = torch.cat(outs) if outs else torch.zeros(0, self.channels, self.size, self.size, device=dev)
         return like_input(out, u)
 

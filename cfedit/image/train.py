@@ -180,13 +180,13 @@ class _CVAELoss(nn.Module):
     """One training step's losses as a module, so DistributedDataParallel sees a single forward."""
 
     def __init__(self, mech: ImageMechanism, labeller: Labeller | None, beta: float, attr_weight: float,
-                 residual: bool = False, attr_shift: int = 0, disc: nn.Module | None = None,
+                 attr_residual: bool = False, attr_shift: int = 0, disc: nn.Module | None = None,
                  adv_weight: float = 0.0):
         super().__init__()
         self.mech = mech
         self.labeller = labeller
         self.beta, self.attr_weight = float(beta), float(attr_weight)
-        self.residual, self.attr_shift = bool(residual), int(attr_shift)
+        self.attr_residual, self.attr_shift = bool(attr_residual), int(attr_shift)
         self.aux = disc  # trained alongside (saved in the resume state as "aux"), never shipped
         self.adv_weight = float(adv_weight)
 
@@ -208,7 +208,7 @@ class _CVAELoss(nn.Module):
         redrawn = torch.sigmoid(self.mech.decoder_logits(v_new, u)) if (self.labeller is not None or self.aux is not None) else None
         if self.labeller is not None:
             edited = redrawn
-            if self.residual:
+            if self.attr_residual:
                 edited = (x + edited - torch.sigmoid(logits)).clamp(0.0, 1.0)
             if offsets is not None:
                 edited = shift_by(edited, offsets, self.attr_shift)
