@@ -21,11 +21,12 @@ import numpy as np
 
 from cfedit.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
 from cfedit.features import FeatureModel, load_feature_model, make_feature_model
+from cfedit.calibration import calibrate_edits, gain_columns, gained_change, protect_columns
 from cfedit.graph import CausalGraph
 from cfedit.query import Query, Term
 
 # Stages of `fit`, in order, for progress reporting and resume.
-STAGES = ("features", "labeller", "mechanism", "summary")
+STAGES = ("features", "labeller", "mechanism", "critic", "calibration", "summary")
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
 
 
@@ -51,6 +52,10 @@ class ANCM:
     # the input itself, so the null edit returns the input exactly and detail the decoder cannot draw
     # (faces) survives. Off by default: a plain reconstruction is sharp enough for Colored MNIST.
     residual: bool = False
+    # Per factor and value, how strongly that factor's part of the change is drawn, and which kept
+    # factors it may not move (cfedit.calibration); None: every gain 1, nothing protected.
+    gains: dict | None = None
+    protect: dict | None = None
     _cache: dict = field(default_factory=dict, repr=False)  # extreme models and bounds, per query
 
     # -- persistence --------------------------------------------------------------------------
@@ -62,7 +67,8 @@ class ANCM:
         tensors.update({f"mechanism.{k}": v for k, v in self.mechanism.state_dict().items()})
         tensors.update({f"labeller.{k}": v for k, v in self.labeller.state_dict().items()})
         config = {"features": fconf, "mechanism": self.mechanism.config(), "labeller": self.labeller.config(),
-                  "edit": {"residual": self.residual}}
+                  "edit": {"residual": self.residual, **({"gains": self.gains} if self.gains else {}),
+                           **({"protect": self.protect} if self.protect else {})}}
         return save_checkpoint(path, tensors, self.graph, config, extra=self.info)
 
     @classmethod
@@ -83,9 +89,12 @@ class ANCM:
         mech.load_state_dict(ck.section("mechanism"))
         lab = Labeller.from_config(ck.config["labeller"])
         lab.load_state_dict(ck.section("labeller"))
-        residual = bool(ck.config.get("edit", {}).get("residual", False))
+        edit = ck.config.get("edit", {})
+        gains, protect = edit.get("gains"), edit.get("protect")
+        gain_columns(g, gains)  # a malformed table fails here, on load
+        protect_columns(g, protect)
         return cls(g, feats, mech.to(device).eval(), lab.to(device).eval(), ck.tensors["pv"].numpy(), ck.extra,
-                   residual)
+                   bool(edit.get("residual", False)), gains, protect)
 
     # -- editing ------------------------------------------------------------------------------
 
@@ -161,10 +170,12 @@ class ANCM:
 
         Abduction u = abduct(image, factual); the result is decode(counterfactual, u), or with
         ``residual`` (default: the model's setting) image + decode(counterfactual, u) - decode(factual, u),
-        whose null edit (counterfactual = factual) is the image itself.
+        whose null edit (counterfactual = factual) is the image itself. The model's edit calibration, if
+        any, scales each factor's part of the change and protects kept factors (:mod:`cfedit.calibration`).
         """
         return redraw(self.mechanism, images, factual, counterfactual,
-                      self.residual if residual is None else residual)
+                      self.residual if residual is None else residual, gain_columns(self.graph, self.gains),
+                      protect_columns(self.graph, self.protect))
 
     def descendant_bounds(self, factual_row: np.ndarray, do: Mapping[str, int], cf_row: np.ndarray) -> dict:
         """For each descendant Y of the intervention: the optimal bounds of P(Y_{do} = y′ | factual),
@@ -192,8 +203,10 @@ class ANCM:
 
 
 def redraw(mechanism, images: np.ndarray, factual: np.ndarray, counterfactual: np.ndarray,
-           residual: bool = False) -> np.ndarray:
-    """:meth:`ANCM.transform` for a bare image mechanism (also used before the ANCM exists)."""
+           residual: bool = False, gains: list[np.ndarray] | None = None, protect: list | None = None) -> np.ndarray:
+    """:meth:`ANCM.transform` for a bare image mechanism (also used before the ANCM exists); ``gains`` and
+    ``protect``: the edit calibration as :func:`cfedit.calibration.gain_columns` and
+    :func:`~cfedit.calibration.protect_columns` give it (None: the plain edit)."""
     from cfedit.imageio import to_uint8
 
     images = np.asarray(images)
@@ -206,6 +219,12 @@ def redraw(mechanism, images: np.ndarray, factual: np.ndarray, counterfactual: n
         raise ValueError(f"{len(counterfactual)} counterfactual rows for {n} images (need a multiple)")
     k = len(counterfactual) // n
     u = np.asarray(mechanism.abduct(images, factual))
+    if gains is not None or protect is not None:
+        start = np.repeat(np.asarray(mechanism.decode(factual, u), dtype=np.float32), k, axis=0)
+        base = np.repeat(images.astype(np.float32) / 255.0, k, axis=0) if residual else start
+        change = gained_change(mechanism, np.repeat(u, k, axis=0), np.repeat(factual, k, axis=0), counterfactual,
+                               gains, start=start, protect=protect)
+        return to_uint8(np.clip(base + change, 0.0, 1.0))
     out = np.asarray(mechanism.decode(counterfactual, np.repeat(u, k, axis=0)))
     if residual:
         rec = np.asarray(mechanism.decode(factual, u))
@@ -232,10 +251,11 @@ class FitOptions:
     mnist_root: str | None = None
     mechanism_options: dict = field(default_factory=dict)
     residual: bool | None = None  # edits apply the decoded change to the input (see ANCM.residual)
+    calibrate: bool | None = None  # calibrate edit gains and protection against a critic (cfedit.calibration)
 
 
 #: Keys of a graph file's ``fit:`` recipe that are not image-mechanism options.
-RECIPE_KEYS = ("epochs", "labeller_epochs", "residual")
+RECIPE_KEYS = ("epochs", "labeller_epochs", "residual", "calibrate")
 
 
 def resolve_options(graph: CausalGraph, options: FitOptions | None = None) -> FitOptions:
@@ -253,7 +273,8 @@ def resolve_options(graph: CausalGraph, options: FitOptions | None = None) -> Fi
     mech = {k: v for k, v in recipe.items() if k not in RECIPE_KEYS}
     mech.update(o.mechanism_options)
     residual = o.residual if o.residual is not None else bool(recipe.get("residual", False))
-    return replace(o, epochs=o.epochs if o.epochs is not None else recipe.get("epochs"),
+    calibrate = o.calibrate if o.calibrate is not None else bool(recipe.get("calibrate", False))
+    return replace(o, epochs=o.epochs if o.epochs is not None else recipe.get("epochs"), calibrate=calibrate,
                    labeller_epochs=o.labeller_epochs if o.labeller_epochs is not None else recipe.get("labeller_epochs"),
                    residual=residual, mechanism_options=mech)
 
@@ -333,6 +354,21 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         on_epoch=checkpoint_stage("mechanism"), **o.mechanism_options)
     seconds["mechanism"] = mech_metrics.get("seconds", 0.0)
 
+    gains, protect, calibration = None, None, None
+    if o.calibrate and _rank() == 0:
+        # the critic: the labeller's recipe with another seed; it only ever reads, never trains, the mechanism
+        critic, critic_metrics = train_labeller(
+            train, graph, epochs=o.labeller_epochs, device=device, seed=o.seed + 2,
+            progress=lambda s, n, m: report("critic", s, n, m), state=state.get("critic"),
+            on_epoch=checkpoint_stage("critic"))
+        seconds["critic"] = critic_metrics.get("seconds", 0.0)
+        t = time.perf_counter()
+        report("calibration", 0, 1, {})
+        gains, protect, calibration = calibrate_edits(mech.to("cpu").eval(), critic.to("cpu").eval(), train,
+                                                      graph, o.residual, seed=o.seed)
+        seconds["calibration"] = time.perf_counter() - t
+        report("calibration", 1, 1, {})
+
     if _rank() != 0:  # under torchrun only rank 0 measures and writes; the others are done
         return ANCM(graph, features, mech.eval(), labeller.eval(), pv, {}), {}
     report("summary", 0, 1, {})
@@ -350,9 +386,12 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         "seed": o.seed,
         "device": str(device),
         "recipe": {"epochs": o.epochs, "labeller_epochs": o.labeller_epochs, "residual": o.residual,
-                   **o.mechanism_options},
+                   "calibrate": o.calibrate, **o.mechanism_options},
     }
-    model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary, residual=o.residual)
+    if calibration is not None:
+        summary.update(gains=gains, protect=protect, calibration=calibration)
+    model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary, residual=o.residual, gains=gains,
+                 protect=protect or None)
     model.save(out)
     partial_path(out).unlink(missing_ok=True)
     report("summary", 1, 1, {})

@@ -289,6 +289,7 @@ def fit(
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from <out>.partial."),
     residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Edits apply the decoded change to the input (deep-SCM residual abduction): the null edit returns the input exactly. Default: the graph file's fit recipe, else off."),
+    calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", help="Calibrate per-factor edit gains and protected factors against a critic classifier trained with another seed (see cfedit.calibration). Default: the graph file's fit recipe, else off."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint."),
 ) -> None:
     """Train the feature model, image mechanism and labeller; write one checkpoint."""
@@ -307,7 +308,7 @@ def fit(
     if resume and not partial_path(target).exists():
         err_console.print(f"note: no {partial_path(target)} to resume from; starting afresh", markup=False)
     opts = FitOptions(features=features, epochs=epochs, labeller_epochs=labeller_epochs, n_train=n,
-                      device=resolve_device(device), seed=seed, data=data, residual=residual,
+                      device=resolve_device(device), seed=seed, data=data, residual=residual, calibrate=calibrate,
                       mnist_root=str(mnist_root) if mnist_root else None)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
@@ -336,6 +337,8 @@ def fit(
 
     t = Table(title="fit summary", header_style="bold", show_header=False)
     for k, v in summary.items():
+        if k == "calibration":  # per factor and value, the critic's ratio at each gain tried: in the checkpoint's info
+            continue
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(t)
 

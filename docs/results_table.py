@@ -54,11 +54,13 @@ def main() -> None:
                   f"{fmt(m['reversibility'], 4)} | {fmt(m['gt_mae'], 4)} |")
         if any(vm.get("by_value") for m in r["metrics"] for vm in m["variables"]):
             print("\n| model | do | units | read as the new value | real images read as it | ratio | "
-                  "kept (non-descendants, read the same before and after) |")
+                  "kept (non-descendants, read the same before and after; ≤ the most a faithful edit can show) |")
             print("|---|---|---|---|---|---|---|")
             for m in r["metrics"]:
                 for vm in m["variables"]:
-                    kept = ", ".join(f"{k} {x:.3f}" for k, x in vm.get("kept", {}).items())
+                    ceiling = vm.get("kept_ceiling", {})
+                    kept = ", ".join(f"{k} {x:.3f}" + (f" (≤ {ceiling[k]:.3f})" if k in ceiling else "")
+                                     for k, x in vm.get("kept", {}).items())
                     for i, (val, ve) in enumerate(vm.get("by_value", {}).items()):
                         print(f"| {m['model']} | {vm['variable']}={val} | {ve['n_units']} | "
                               f"{fmt(ve['effectiveness'])} | {fmt(ve['real_rate'])} | {fmt(ve['ratio'])} | "

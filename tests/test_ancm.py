@@ -160,3 +160,23 @@ def test_residual_fit_trains_and_reports_the_residual_null_edit(tmp_path, mnist_
     assert np.abs(same.astype(int) - ds.images.astype(int)).max() <= 1
     twice = model.transform(ds.images, ds.factors, np.repeat(ds.factors, 2, axis=0))
     assert twice.shape == (32, *ds.images.shape[1:]) and (twice[0::2] == twice[1::2]).all()
+
+
+def test_calibrated_fit_trains_a_critic_and_keeps_its_calibration(tmp_path, mnist_root):
+    from cfedit.calibration import GAIN_GRID
+
+    g = load_graph("backdoor")
+    out = tmp_path / "cal.safetensors"
+    model, summary = fit_ancm(g, out, FitOptions(mnist_root=str(mnist_root), residual=True, calibrate=True, **TINY))
+    assert summary["recipe"]["calibrate"] is True and {"critic", "calibration"} <= set(summary["seconds"])
+    assert set(summary["gains"]) == set(g.names)
+    assert all(x in GAIN_GRID for gs in summary["gains"].values() for x in gs)
+    red = summary["calibration"]["color=red"]
+    assert 0 < red["real_rate"] <= 1 and red["gain"] in GAIN_GRID and set(red["kept"]) == {"digit", "bar"}
+    back = ANCM.load(out)
+    assert back.gains == model.gains == summary["gains"] and back.protect == model.protect
+    ds = BarMNIST("backdoor", "test", n=16, seed=6, root=mnist_root)
+    cf = ds.factors.copy()
+    cf[:, 1] = 1 - cf[:, 1]
+    assert np.array_equal(back.transform(ds.images, ds.factors, cf), model.transform(ds.images, ds.factors, cf))
+    assert np.abs(back.transform(ds.images, ds.factors, ds.factors).astype(int) - ds.images).max() <= 1

@@ -210,6 +210,8 @@ def test_general_metrics_of_an_exact_editor(exact_report):
         assert 0 <= v["bar"].kept["digit"] <= 1  # (the tiny reader misreads digits on any image)
         # the conditional baseline resamples color on do(bar); the others keep it
         assert (v["bar"].kept["color"] == 1.0) == (mm.model != "conditional")
+        # the color oracle reads color the same whatever the bar: a faithful edit could keep it always
+        assert v["bar"].kept_ceiling["color"] == 1.0 and set(v["bar"].kept_ceiling) <= {"digit", "color"}
         assert mm.reconstruction < 2e-3
     # the oracles read color and bar the same after a one-pixel shift
     assert rep.realism["reader_shift_kept"]["color"] == 1.0 and rep.realism["reader_shift_kept"]["bar"] == 1.0
@@ -273,3 +275,17 @@ def test_a_bad_query_fails_before_any_work(graph):
 
     with pytest.raises(QueryError, match="unknown variable 'colour'"):
         E.evaluate(graph, exact_models(graph), queries=["P(bar_{colour=red}=yes)"], pool=10)
+
+
+def test_kept_ceiling_is_one_minus_the_readers_shift_between_real_strata():
+    # factor 0 (intervened) and factor 1 (kept), both binary. The reader reads factor 1 right on every
+    # real image except those with factor 0 = 1 and factor 1 = 0, of which it reads 1 in 5 as 1.
+    labels = np.array([[0, 0]] * 10 + [[1, 0]] * 10 + [[0, 1]] * 10 + [[1, 1]] * 10)
+    read = labels.copy()
+    read[10:12, 1] = 1
+    factual = np.array([[0, 0]] * 3 + [[0, 1]])
+    new = np.array([1, 1, 1, 1])
+    assert E._kept_ceiling(read, labels, 0, 1, factual, new, 2) == pytest.approx(1 - (3 * 0.2 + 0) / 4)
+    # a stratum with no real image on one side is left out; none at all gives None
+    assert E._kept_ceiling(read[:20], labels[:20], 0, 1, factual, new, 2) == pytest.approx(0.8)
+    assert E._kept_ceiling(read[:10], labels[:10], 0, 1, factual, new, 2) is None

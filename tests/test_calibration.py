@@ -1,0 +1,245 @@
+"""Edit gains: the telescoped change, its per-factor scaling, and the calibration's known answer."""
+
+import numpy as np
+import pytest
+
+from cfedit.ancm import ANCM, redraw
+from cfedit.features import make_feature_model
+from cfedit.calibration import GAIN_GRID, calibrate_edits, gain_columns, gained_change, protect_columns, remove_toward
+from cfedit.graph import load_graph
+from cfedit.scm import scm_for_graph
+
+S = 4  # image side
+BASE = 0.1  # the images' noise u, everywhere
+
+
+class AdditiveMechanism:
+    """decode(v, u) = u + effect of each factor on its own channel (digit, color, bar -> channels 0, 1, 2):
+    factor j at value c adds EFFECT[j] * c / (size - 1). Changes are exactly additive, so gained changes
+    have a closed form. abduct inverts decode."""
+
+    EFFECT = (0.3, 0.4, 0.2)
+
+    def __init__(self, graph):
+        self.sizes = [graph[n].size for n in graph.names]
+
+    def _effect(self, factors):
+        f = np.asarray(factors, dtype=np.float32)
+        out = np.zeros((len(f), 3, S, S), np.float32)
+        for j, (e, size) in enumerate(zip(self.EFFECT, self.sizes)):
+            out[:, j] = (e * f[:, j] / (size - 1))[:, None, None]
+        return out
+
+    def abduct(self, images, factors):
+        return np.asarray(images, dtype=np.float32) / 255.0 - self._effect(factors)
+
+    def decode(self, factors, u):
+        return np.asarray(u, dtype=np.float32) + self._effect(factors)
+
+
+class ChannelCritic:
+    """Reads each factor from its channel's mean as the level floor(level + 0.25), the level measured
+    from the images' base 0.1: a binary factor is read as on from 3/4 of its effect, a digit as its level."""
+
+    def __init__(self, graph):
+        self.sizes = [graph[n].size for n in graph.names]
+
+    def predict(self, images):
+        x = np.asarray(images, dtype=np.float32).mean(axis=(2, 3)) / 255.0
+        out = []
+        for j, (e, size) in enumerate(zip(AdditiveMechanism.EFFECT, self.sizes)):
+            level = (x[:, j] - BASE) / e * (size - 1)
+            out.append(np.clip(np.floor(level + 0.25), 0, size - 1).astype(np.int64))
+        return np.stack(out, 1)
+
+
+class Data:
+    def __init__(self, graph, n, seed=0):
+        rng = np.random.default_rng(seed)
+        self.factors = np.stack([rng.integers(0, graph[k].size, n) for k in graph.names], 1)
+        u = np.full((n, 3, S, S), BASE, np.float32)
+        mech = AdditiveMechanism(graph)
+        self.images = (np.clip(mech.decode(self.factors, u), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return load_graph("backdoor")
+
+
+def test_gain_columns_default_and_errors(graph):
+    assert gain_columns(graph, None) is None
+    assert gain_columns(graph, {"color": [1.0, 1.0]}) is None  # every gain 1: the plain edit
+    cols = gain_columns(graph, {"bar": [1.0, 2.0]})
+    assert [c.tolist() for c in cols] == [[1.0] * 10, [1.0, 1.0], [1.0, 2.0]]
+    with pytest.raises(ValueError, match="unknown factor 'hair'"):
+        gain_columns(graph, {"hair": [1, 2]})
+    with pytest.raises(ValueError, match="'bar': need 2"):
+        gain_columns(graph, {"bar": [1.0]})
+    with pytest.raises(ValueError, match="'bar': need 2"):
+        gain_columns(graph, {"bar": [1.0, -1.0]})
+
+
+def test_unit_gains_telescope_to_the_plain_change(graph):
+    # a random (nonlinear) image mechanism: the one-factor-at-a-time sum equals decode(v') - decode(v)
+    from cfedit.image import ImageMechanism
+
+    import torch
+
+    torch.manual_seed(0)
+    mech = ImageMechanism.for_graph(graph, width=8, latent=4, hidden=16).eval()
+    rng = np.random.default_rng(1)
+    v = np.stack([rng.integers(0, graph[k].size, 6) for k in graph.names], 1)
+    cf = np.stack([rng.integers(0, graph[k].size, 6) for k in graph.names], 1)
+    u = rng.normal(size=(6, mech.u_dim)).astype(np.float32)
+    ones = [np.ones(graph[k].size, np.float32) for k in graph.names]
+    change = gained_change(mech, u, v, cf, ones)
+    plain = np.asarray(mech.decode(cf, u)) - np.asarray(mech.decode(v, u))
+    assert np.abs(change - plain).max() < 1e-5
+
+
+def test_gains_scale_each_factors_part_of_the_change(graph):
+    mech = AdditiveMechanism(graph)
+    v = np.array([[0, 0, 0], [9, 1, 1], [3, 0, 1]])
+    cf = np.array([[9, 1, 1], [9, 0, 1], [3, 0, 1]])
+    u = np.zeros((3, 3, S, S), np.float32)
+    cols = gain_columns(graph, {"digit": [2.0] * 10, "color": [0.5, 3.0]})
+    change = gained_change(mech, u, v, cf, cols)
+    e = AdditiveMechanism.EFFECT
+    # row 0: digit 0->9 at gain 2, color 0->1 at gain 3 (its new value's gain), bar 0->1 at gain 1
+    assert np.allclose(change[0, :, 0, 0], [2 * e[0], 3 * e[1], e[2]])
+    # row 1: color 1->0 at gain 0.5 (the gain of value 0); nothing else moves
+    assert np.allclose(change[1, :, 0, 0], [0, -0.5 * e[1], 0])
+    assert np.all(change[2] == 0)  # the null edit draws no change
+
+
+def test_redraw_with_gains(graph):
+    mech = AdditiveMechanism(graph)
+    data = Data(graph, 8)
+    x, v = data.images, data.factors
+    cols = gain_columns(graph, {"bar": [1.0, 2.0]})
+    assert np.array_equal(redraw(mech, x, v, v, residual=True, gains=cols), x)  # the null edit is the input
+    cf = v.copy()
+    cf[:, 2] = 1
+    out = redraw(mech, x, v, cf, residual=True, gains=cols).astype(np.float32)
+    moved = (v[:, 2] == 0)
+    assert np.allclose((out - x)[moved, 2] / 255.0, 2 * AdditiveMechanism.EFFECT[2], atol=1 / 255)
+    assert np.array_equal(out[~moved], x[~moved])
+    assert np.array_equal(out[:, :2], x[:, :2])
+
+
+def test_calibration_finds_the_smallest_gain_the_critic_reads(graph):
+    # color on adds 0.4 and the critic reads it from 0.3: a change of s * 0.4 is read once s >= 0.75, so
+    # the smallest gain of the grid is 0.8; turning it off takes s * 0.4 > 0.1: 0.5, the grid's first.
+    # bar likewise (effect 0.2, read from 0.15). A digit edit c -> c' at gain s lands on level
+    # c + s (c' - c): every edit is read right at gain 1; to 9 from 1 takes s >= 1 - 0.25 / 8, to 0 from 9
+    # s > 1 - 0.75 / 9, so only 1 of the grid; digits in the middle can take less.
+    data = Data(graph, 400)
+    gains, protect, table = calibrate_edits(AdditiveMechanism(graph), ChannelCritic(graph), data, graph, residual=True, n=200)
+    assert gains["color"] == [0.5, 0.8] and gains["bar"] == [0.5, 0.8]
+    assert gains["digit"][0] == gains["digit"][9] == 1.0 and all(GAIN_GRID[0] <= g <= 1.0 for g in gains["digit"])
+    on = "color=" + graph["color"].values[1]
+    assert table[on]["real_rate"] == 1.0 and table[on]["gain"] == 0.8
+    assert list(table[on]["ratios"]) == ["0.5", "0.6", "0.7", "0.8"] and table[on]["ratios"]["0.7"] == 0.0
+
+
+def test_calibration_falls_back_to_the_best_ratio_and_to_one(graph):
+    data = Data(graph, 400)
+    # a target no gain reaches: the first gain at the best ratio (1, from 0.8 up)
+    gains, protect, table = calibrate_edits(AdditiveMechanism(graph), ChannelCritic(graph), data, graph, residual=True,
+                                   n=100, target=2.0)
+    assert gains["color"][1] == 0.8 and len(table["color=" + graph["color"].values[1]]["ratios"]) == len(GAIN_GRID)
+    # no image with a value, or a critic that never reads real images as it: nothing to calibrate against
+    only_off = Data(graph, 50)
+    only_off.factors[:, 1] = 0
+    only_off.images[:, 1] = only_off.images[:, 1].min()
+    gains, protect, table = calibrate_edits(AdditiveMechanism(graph), ChannelCritic(graph), only_off, graph, residual=True, n=20)
+    assert gains["color"][1] == 1.0 and "no image with" in table["color=" + graph["color"].values[1]]["note"]
+
+    class Blind(ChannelCritic):
+        def predict(self, images):
+            out = super().predict(images)
+            out[:, 2] = 0
+            return out
+    gains, protect, table = calibrate_edits(AdditiveMechanism(graph), Blind(graph), data, graph, residual=True, n=100)
+    assert gains["bar"][1] == 1.0 and "never reads" in table["bar=" + graph["bar"].values[1]]["note"]
+
+
+def test_gains_survive_the_checkpoint(graph, tmp_path):
+    from cfedit.image import ImageMechanism, Labeller
+
+    pv = scm_for_graph(graph).joint()
+    mech = ImageMechanism.for_graph(graph, width=8, latent=4, hidden=16).eval()
+    lab = Labeller.for_graph(graph, width=8, hidden=16).eval()
+    gains = {"bar": [1.0, 1.75]}
+    model = ANCM(graph, make_feature_model("canonical", graph).fit(pv), mech, lab, pv, {}, residual=True, gains=gains)
+    back = ANCM.load(model.save(tmp_path / "g.safetensors"))
+    assert back.gains == gains and back.residual
+    x = np.random.default_rng(0).integers(0, 256, (4, 3, 28, 28)).astype(np.uint8)
+    v = np.array([[1, 0, 0], [2, 1, 0], [3, 0, 1], [4, 1, 1]])
+    cf = v.copy()
+    cf[:, 2] = 1
+    assert np.array_equal(back.transform(x, v, cf), model.transform(x, v, cf))
+    plain = ANCM(graph, model.features, mech, lab, pv, {}, residual=True)
+    assert not np.array_equal(model.transform(x, v, cf), plain.transform(x, v, cf))
+    assert np.array_equal(model.transform(x, v, v), x)
+
+
+class EntangledMechanism(AdditiveMechanism):
+    """Turning color on also draws 0.2 on the bar channel (the bar's whole effect): a decoder whose
+    color change carries a bar, as the face decoder's age change carries a smile."""
+
+    def _effect(self, factors):
+        out = super()._effect(factors)
+        out[:, 2] += 0.2 * np.asarray(factors, dtype=np.float32)[:, 1, None, None]
+        return out
+
+
+def test_protect_columns_and_errors(graph):
+    assert protect_columns(graph, None) is None and protect_columns(graph, {"color": [[], []]}) is None
+    assert protect_columns(graph, {"color": [[], ["bar", "digit"]]})[1] == [[], [2, 0]]
+    with pytest.raises(ValueError, match="a list per value"):
+        protect_columns(graph, {"color": [["bar"]]})
+    with pytest.raises(ValueError, match="names 'color'"):
+        protect_columns(graph, {"color": [[], ["color"]]})
+    with pytest.raises(ValueError, match="names 'hair'"):
+        protect_columns(graph, {"color": [[], ["hair"]]})
+
+
+def test_remove_toward_is_one_sided():
+    e = np.array([[1.0, 0.0], [1.0, 0.0]], np.float32)
+    step = np.array([[3.0, 2.0], [-3.0, 2.0]], np.float32)
+    out = remove_toward(step, [e])
+    assert out.tolist() == [[0.0, 2.0], [-3.0, 2.0]]  # moving toward e is removed, away from it is kept
+
+
+def test_protected_factor_is_not_moved_toward_another_value(graph):
+    mech = EntangledMechanism(graph)
+    data = Data(graph, 12)
+    x, v = data.images, data.factors
+    v[:, 1] = 0
+    cf = v.copy()
+    cf[:, 1] = 1
+    prot = protect_columns(graph, {"color": [[], ["bar"]]})
+    plain = redraw(mech, x, v, cf, residual=True).astype(np.float32) - x
+    kept = redraw(mech, x, v, cf, residual=True, protect=prot).astype(np.float32) - x
+    off = v[:, 2] == 0
+    assert np.allclose(plain[:, 2] / 255, 0.2, atol=1 / 255)
+    assert np.abs(kept[off, 2]).max() <= 1  # bar off: the push toward bar on is removed
+    assert np.allclose(kept[~off, 2] / 255, 0.2, atol=1 / 255)  # bar on: pushing further into it is left
+    assert np.array_equal(kept[:, :2], plain[:, :2])  # the color change itself is untouched
+    both = cf.copy()
+    both[:, 2] = 1 - v[:, 2]  # an edit that changes the bar too does not keep it: nothing to protect
+    assert np.array_equal(redraw(mech, x, v, both, residual=True, protect=prot), redraw(mech, x, v, both, residual=True))
+
+
+def test_calibration_protects_what_the_critic_sees_moved(graph):
+    data = Data(graph, 600)
+    gains, protect, table = calibrate_edits(EntangledMechanism(graph), ChannelCritic(graph), data, graph,
+                                            residual=True, n=300)
+    red = "color=" + graph["color"].values[1]
+    assert protect == {"color": [["bar"], ["bar"]]}  # turning color off takes the bar's 0.2 away too
+    before, after = table[red]["kept"]["bar"]
+    assert before < 0.7 and after == 1.0  # the bar-off half was read as bar on; protected, none is
+    assert table[red]["kept"]["digit"][0] == table[red]["kept"]["digit"][1] == 1.0
+    assert gains["color"][1] == 0.8  # the gain is calibrated on the protected change
