@@ -26,9 +26,10 @@ So both are calibrated (:func:`calibrate_edits`) against a *critic*: a classifie
 training split with another seed, which never trains the mechanism. Per factor and value, single-factor
 edits of training images lacking the value are drawn at the gain the plain change needs (below); a kept
 factor is protected when that raises the share of edits on which the critic's reading of it stays the
-same by at least ``PROTECT_MARGIN`` while the new value is still read at least 90% as often. The gain is
-the smallest in :data:`GAIN_GRID` at which the critic reads the (protected) edits as the new value at
-least as often as it reads real training images having it. The null edit is unchanged (no factor
+same by at least ``PROTECT_MARGIN`` and the edit without that part can still be made effective at some
+gain of the grid. The gain is the smallest in :data:`GAIN_GRID` at which the critic reads the
+(protected) edits as the new value at least ``TARGET`` (0.9) times as often as it reads real training
+images having it. The null edit is unchanged (no factor
 changes, no change drawn).
 """
 
@@ -44,6 +45,10 @@ from cfedit.graph import CausalGraph
 GAIN_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 #: How much more often the critic must read a kept factor unchanged for it to be protected.
 PROTECT_MARGIN = 0.01
+#: An edit is effective when the critic reads it as the new value at least this often relative to real
+#: images having that value (the faces issue's definition). Asking for 1.0 instead drove gains to 2 where
+#: real images are read right 95% of the time (age=young), and the doubled change flipped gender.
+TARGET = 0.9
 
 
 def gain_columns(graph: CausalGraph, gains: Mapping[str, Sequence[float]] | None) -> list[np.ndarray] | None:
@@ -152,7 +157,7 @@ def gained_change(mechanism, u: np.ndarray, factual: np.ndarray, counterfactual:
 
 
 def calibrate_edits(mechanism, critic, dataset, graph: CausalGraph, residual: bool, n: int = 800,
-                    target: float = 1.0, grid: Sequence[float] = GAIN_GRID, seed: int = 0) -> tuple[dict, dict, dict]:
+                    target: float = TARGET, grid: Sequence[float] = GAIN_GRID, seed: int = 0) -> tuple[dict, dict, dict]:
     """Per factor and value: the kept factors to protect and the gain, from single-factor edits of up to
     ``n`` training images lacking that value, read by ``critic`` (see the module's docstring). The gain is
     the smallest in ``grid`` at which the edits are read as the new value at ``target`` times the rate
@@ -211,21 +216,24 @@ def calibrate_edits(mechanism, critic, dataset, graph: CausalGraph, residual: bo
             # protection is judged where the edit will be drawn: at the plain change's own gain
             plain_gain, _ = search(raw)
             plain = read(raw, plain_gain)
-            effect = float((plain[:, j] == c).mean())
             dirs = _Directions(mechanism, u, v, start, sizes)
-            kept = {}
+            kept, candidates = {}, []
             for k, other in enumerate(names):
                 if k == j:
                     continue
                 trial = read(remove_toward(raw, dirs.toward_others(k)), plain_gain)
                 kept[other] = [round(float((plain[:, k] == before[:, k]).mean()), 4),
                                round(float((trial[:, k] == before[:, k]).mean()), 4)]
-                if (kept[other][1] >= kept[other][0] + PROTECT_MARGIN
-                        and float((trial[:, j] == c).mean()) >= 0.9 * effect):
-                    protect[name][c].append(other)
+                if kept[other][1] >= kept[other][0] + PROTECT_MARGIN:
+                    candidates.append(other)
+            # a candidate is protected if the edit, without that part, can still be made effective
             change = raw
-            for other in protect[name][c]:
-                change = remove_toward(change, dirs.toward_others(graph.axis(other)))
+            for other in candidates:
+                trial_change = remove_toward(change, dirs.toward_others(graph.axis(other)))
+                gain, ratios = search(trial_change)
+                if ratios[gain] >= target:
+                    change = trial_change
+                    protect[name][c].append(other)
             chosen, ratios = search(change)
             gains[name][c] = float(chosen)
             table[key] = {"real_rate": round(real, 4), "plain_gain": float(plain_gain), "kept": kept,

@@ -243,3 +243,38 @@ def test_calibration_protects_what_the_critic_sees_moved(graph):
     assert before < 0.7 and after == 1.0  # the bar-off half was read as bar on; protected, none is
     assert table[red]["kept"]["digit"][0] == table[red]["kept"]["digit"][1] == 1.0
     assert gains["color"][1] == 0.8  # the gain is calibrated on the protected change
+
+
+class SharedChannelMechanism(AdditiveMechanism):
+    """Color on draws 0.3 on the bar's own channel, and nothing else: like gray hair, which a reader
+    also reads as age, the change *is* a move toward the other factor."""
+
+    def _effect(self, factors):
+        f = np.asarray(factors, dtype=np.float32)
+        out = np.zeros((len(f), 3, S, S), np.float32)
+        out[:, 0] = (0.3 * f[:, 0] / 9)[:, None, None]
+        out[:, 2] = (0.3 * f[:, 1] + 0.2 * f[:, 2])[:, None, None]
+        return out
+
+
+class SharedChannelCritic(ChannelCritic):
+    def predict(self, images):
+        out = super().predict(images)
+        ch2 = np.asarray(images, dtype=np.float32)[:, 2].mean(axis=(1, 2)) / 255.0 - BASE
+        out[:, 1] = (ch2 >= 0.25).astype(np.int64) | (ch2 >= 0.45)
+        out[:, 2] = (ch2 >= 0.15).astype(np.int64)
+        return out
+
+
+def test_calibration_does_not_protect_what_the_edit_is_made_of(graph):
+    # turning color on moves bar-off images toward bar on (the critic reads the bar on them), and
+    # protecting the bar would fix that — by removing the whole change from them, so the edit could no
+    # longer be read as color on: the bar is a candidate, and is not protected
+    mech, critic = SharedChannelMechanism(graph), SharedChannelCritic(graph)
+    data = Data(graph, 400)
+    data.images = (np.clip(mech.decode(data.factors, np.full((400, 3, S, S), BASE, np.float32)), 0, 1) * 255
+                   + 0.5).astype(np.uint8)
+    gains, protect, table = calibrate_edits(mech, critic, data, graph, residual=True, n=200)
+    red = table["color=" + graph["color"].values[1]]
+    assert red["kept"]["bar"][1] > red["kept"]["bar"][0] + 0.1
+    assert "bar" not in red["protect"] and red["ratios"][str(red["gain"])] >= 0.9
