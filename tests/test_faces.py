@@ -57,6 +57,9 @@ def test_the_shipped_face_checkpoint_is_small_and_noticed():
     assert "CelebA" in notice and "non-commercial" in notice
     model = ANCM.load(ck)
     assert model.residual and model.graph.structure_hash() == load_graph("celeba").structure_hash()
+    # calibrated against the critic: gains per attribute value, and age=old keeps the smile off its change
+    assert set(model.gains) == set(model.graph.names) and "smiling" in model.protect["age"][1]
+    assert model.info["recipe"]["calibrate"] is True and "age=old" in model.info["calibration"]
 
 
 def test_a_tiny_residual_face_model_trains_on_the_real_folder(tmp_path, celebahq):
