@@ -19,9 +19,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from cfedit.calibration import calibrate_edits, gain_columns, gained_change, protect_columns
 from cfedit.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
 from cfedit.features import FeatureModel, load_feature_model, make_feature_model
-from cfedit.calibration import calibrate_edits, gain_columns, gained_change, protect_columns
 from cfedit.graph import CausalGraph
 from cfedit.query import Query, Term
 
@@ -355,13 +355,15 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
     seconds["mechanism"] = mech_metrics.get("seconds", 0.0)
 
     gains, protect, calibration = None, None, None
-    if o.calibrate and _rank() == 0:
-        # the critic: the labeller's recipe with another seed; it only ever reads, never trains, the mechanism
+    if o.calibrate:
+        # the critic: the labeller's recipe with another seed; it only ever reads, never trains, the
+        # mechanism. Trained on every rank under torchrun (as the labeller is); calibrated on rank 0.
         critic, critic_metrics = train_labeller(
             train, graph, epochs=o.labeller_epochs, device=device, seed=o.seed + 2,
             progress=lambda s, n, m: report("critic", s, n, m), state=state.get("critic"),
             on_epoch=checkpoint_stage("critic"))
         seconds["critic"] = critic_metrics.get("seconds", 0.0)
+    if o.calibrate and _rank() == 0:
         t = time.perf_counter()
         report("calibration", 0, 1, {})
         gains, protect, calibration = calibrate_edits(mech.to("cpu").eval(), critic.to("cpu").eval(), train,
