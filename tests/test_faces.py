@@ -87,9 +87,10 @@ def face_report(celebahq):
 
 @pytest.mark.slow
 def test_the_shipped_face_model_meets_these_bars(face_report):
-    """The bars of issue 7 that the shipped model meets (measured 1.38, 1.21, 0.992, 0.0000)."""
+    """The bars of issue 7 that the shipped model meets (measured: age 1.21, gray hair 0.97, eyeglasses
+    1.04 of the real rate; eyeglasses kept 0.991; null edit 0.0000; gray shares inside the bounds)."""
     rep, mm, v = face_report
-    for name, value in (("age", "old"), ("eyeglasses", "yes")):
+    for name, value in (("age", "old"), ("gray_hair", "yes"), ("eyeglasses", "yes")):
         assert v[name].by_value[value].ratio >= 0.9, (name, v[name].by_value[value])
     assert v["age"].kept["eyeglasses"] >= 0.95
     assert mm.composition["1"] <= 0.02
@@ -101,9 +102,8 @@ def test_the_shipped_face_model_meets_these_bars(face_report):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 7 open: do(gray_hair=yes) is read as gray at 0.44 of the real "
-                                       "rate; age edits keep gender 0.954 and smiling 0.906 (bars 0.97 / 0.95)")
+@pytest.mark.xfail(strict=True, reason="issue 7 open: age edits (both directions) keep gender 0.934 and smiling "
+                                       "0.942 (bars 0.97 / 0.95; the reader's own ceilings 0.975 / 0.972)")
 def test_the_shipped_face_model_meets_the_open_bars(face_report):
     rep, mm, v = face_report
-    assert v["gray_hair"].by_value["yes"].ratio >= 0.9
     assert v["age"].kept["gender"] >= 0.97 and v["age"].kept["smiling"] >= 0.95
