@@ -220,10 +220,10 @@ def redraw(mechanism, images: np.ndarray, factual: np.ndarray, counterfactual: n
     k = len(counterfactual) // n
     u = np.asarray(mechanism.abduct(images, factual))
     if gains is not None or protect is not None:
-        start = np.repeat(np.asarray(mechanism.decode(factual, u), dtype=np.float32), k, axis=0)
-        base = np.repeat(images.astype(np.float32) / 255.0, k, axis=0) if residual else start
-        change = gained_change(mechanism, np.repeat(u, k, axis=0), np.repeat(factual, k, axis=0), counterfactual,
-                               gains, start=start, protect=protect)
+        start = np.asarray(mechanism.decode(factual, u), dtype=np.float32)
+        unit = np.repeat(np.arange(n), k)  # counterfactual row -> its image
+        base = images.astype(np.float32)[unit] / 255.0 if residual else start[unit]
+        change = gained_change(mechanism, u, factual, counterfactual, gains, start=start, protect=protect, unit=unit)
         return to_uint8(np.clip(base + change, 0.0, 1.0))
     out = np.asarray(mechanism.decode(counterfactual, np.repeat(u, k, axis=0)))
     if residual:

@@ -127,31 +127,35 @@ def remove_toward(step: np.ndarray, directions: Sequence[np.ndarray]) -> np.ndar
 
 def gained_change(mechanism, u: np.ndarray, factual: np.ndarray, counterfactual: np.ndarray,
                   columns: Sequence[np.ndarray] | None, start: np.ndarray | None = None,
-                  protect: Sequence | None = None) -> np.ndarray:
-    """The change ``sum_k gain_k * protect(decode(vk, u) - decode(v(k-1), u))`` for rows of factors
+                  protect: Sequence | None = None, unit: np.ndarray | None = None) -> np.ndarray:
+    """The change ``sum_k gain_k * protect(decode(vk, u) - decode(v(k-1), u))`` per counterfactual row
     (float32, the decoder's layout); ``columns``: :func:`gain_columns` (None: every gain 1), ``protect``:
-    :func:`protect_columns`. ``start`` is decode(factual, u) when the caller has it already."""
+    :func:`protect_columns`. ``u``, ``factual`` and ``start`` (decode(factual, u), when the caller has it)
+    are per image; ``unit`` gives each counterfactual row's image (default: row i is image i), so several
+    samples of one image share its decodes and its protected directions."""
     factual = np.asarray(factual, dtype=np.int64)
     counterfactual = np.asarray(counterfactual, dtype=np.int64)
-    prev_dec = np.asarray(mechanism.decode(factual, u) if start is None else start, dtype=np.float32)
-    dirs = _Directions(mechanism, u, factual, prev_dec.copy(), [len(p) for p in protect]) if protect else None
+    unit = np.arange(len(counterfactual)) if unit is None else np.asarray(unit)
+    start = np.asarray(mechanism.decode(factual, u) if start is None else start, dtype=np.float32)
+    dirs = _Directions(mechanism, u, factual, start, [len(p) for p in protect]) if protect else None
+    prev_dec = start[unit]
     change = np.zeros_like(prev_dec)
-    current = factual.copy()
+    current = factual[unit]
     for j in range(factual.shape[1]):
         rows = np.flatnonzero(current[:, j] != counterfactual[:, j])
         if not len(rows):
             continue
         current[rows, j] = counterfactual[rows, j]
-        dec = np.asarray(mechanism.decode(current[rows], u[rows]), dtype=np.float32)
+        dec = np.asarray(mechanism.decode(current[rows], u[unit[rows]]), dtype=np.float32)
         step = dec - prev_dec[rows]
         if protect is not None:
             for c in np.unique(counterfactual[rows, j]):
                 for k in protect[j][c]:
                     # only where the whole edit keeps factor k
-                    sub = rows[(counterfactual[rows, j] == c) & (counterfactual[rows, k] == factual[rows, k])]
-                    if len(sub):
-                        at = np.searchsorted(rows, sub)
-                        step[at] = remove_toward(step[at], [d[sub] for d in dirs.toward_others(k)])
+                    at = np.flatnonzero((counterfactual[rows, j] == c)
+                                        & (counterfactual[rows, k] == factual[unit[rows], k]))
+                    if len(at):
+                        step[at] = remove_toward(step[at], [d[unit[rows[at]]] for d in dirs.toward_others(k)])
         gain = 1.0 if columns is None else columns[j][counterfactual[rows, j]][:, None, None, None]
         change[rows] += gain * step
         prev_dec[rows] = dec

@@ -278,3 +278,19 @@ def test_calibration_does_not_protect_what_the_edit_is_made_of(graph):
     red = table["color=" + graph["color"].values[1]]
     assert red["kept"]["bar"][1] > red["kept"]["bar"][0] + 0.1
     assert "bar" not in red["protect"] and red["ratios"][str(red["gain"])] >= 0.9
+
+
+def test_samples_of_one_image_share_its_decodes_and_give_the_same_change(graph):
+    mech = EntangledMechanism(graph)
+    data = Data(graph, 5)
+    v = data.factors
+    u = mech.abduct(data.images, v)
+    cf = np.repeat(v, 3, axis=0)
+    cf[:, 1] = np.tile([0, 1, 1], 5)
+    cf[::2, 2] = 1 - cf[::2, 2]
+    cols = gain_columns(graph, {"color": [0.5, 2.0]})
+    prot = protect_columns(graph, {"color": [["bar"], ["bar"]]})
+    unit = np.repeat(np.arange(5), 3)
+    shared = gained_change(mech, u, v, cf, cols, protect=prot, unit=unit)
+    repeated = gained_change(mech, u[unit], v[unit], cf, cols, protect=prot)
+    assert np.array_equal(shared, repeated)
