@@ -31,6 +31,11 @@ gain of the grid. The gain is the smallest in :data:`GAIN_GRID` at which the cri
 (protected) edits as the new value at least ``TARGET`` (0.95) times as often as it reads real training
 images having it. The null edit is unchanged (no factor
 changes, no change drawn).
+
+A fixed direction per factor cannot catch every face, so a model may also ship its critic as a *guard*
+(:func:`guard_kept`): per edited image, a kept factor the critic no longer reads as on the input is
+stepped back along the decoder's own direction for it, by the smallest multiple that restores the
+reading.
 """
 
 from __future__ import annotations
@@ -51,6 +56,14 @@ PROTECT_MARGIN = 0.01
 #: the doubled change flipped gender in 26% of de-aged faces; 0.9 left glasses at a gain the critic
 #: accepts and an independent reader does not (0.78 of the real rate).
 TARGET = 0.95
+#: The guard's corrections, smallest first, in units of the decoder's own change of the kept factor.
+GUARD_GRID = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+#: The guard holds a kept factor when the critic reads the edit as it reads the input and at least
+#: min(its probability on the input, this) surely. Chosen on 3,000 *training* faces with the eval
+#: reader's recipe (the held-out faces were not used): 0.5 (the plain reading) kept gender in 96.0% of
+#: age edits and smiles in 96.5%, 0.85 in 96.5% / 97.1%, 0.95 in 96.8% / 97.0%; effectiveness of aging
+#: 1.12 -> 1.10 of the real rate.
+GUARD_CONFIDENCE = 0.95
 
 
 def gain_columns(graph: CausalGraph, gains: Mapping[str, Sequence[float]] | None) -> list[np.ndarray] | None:
@@ -246,3 +259,70 @@ def calibrate_edits(mechanism, critic, dataset, graph: CausalGraph, residual: bo
                           "protect": list(protect[name][c]),
                           "ratios": {str(k): round(r, 4) for k, r in ratios.items()}, "gain": float(chosen)}
     return gains, {k: p for k, p in protect.items() if any(p)}, table
+
+
+def guard_kept(mechanism, critic, images: np.ndarray, edited: np.ndarray, u: np.ndarray, factual: np.ndarray,
+               counterfactual: np.ndarray, unit: np.ndarray | None = None,
+               grid: Sequence[float] = GUARD_GRID, confidence: float = GUARD_CONFIDENCE) -> np.ndarray:
+    """The guard: edits (float [m, C, S, S] in [0, 1]) on which ``critic`` reads a factor the edit keeps
+    (counterfactual = factual) otherwise than on the input image are moved back along the decoder's own
+    direction for that factor, decode(v' with the input's reading) - decode(v' with the edit's reading)
+    at the counterfactual v', by the smallest multiple in ``grid`` after which the critic reads the
+    input's value again, at least min(its probability on the input, ``confidence``) surely; rows where
+    no multiple does are left as drawn. ``images``, ``u`` and
+    ``factual`` are per image; ``unit`` maps each edit to its image (default: row i is image i). Rows
+    whose edit changes nothing are never touched, so the null edit stays the input.
+
+    Why: the calibrated change still moves kept factors on some images in ways no single direction
+    removes for all of them (measured on CelebA-HQ, with an independent reader: de-aging flipped
+    gender on 12% of old faces; gray hair on 20%); the critic sees where, per image, and the correction
+    stays on the decoder's own path between two faces rather than a pixel-level adversarial one.
+    """
+    from cfedit.imageio import to_uint8
+
+    factual = np.asarray(factual, dtype=np.int64)
+    counterfactual = np.asarray(counterfactual, dtype=np.int64)
+    unit = np.arange(len(counterfactual)) if unit is None else np.asarray(unit)
+    out = np.array(edited, dtype=np.float32, copy=True)
+    changed = np.flatnonzero((counterfactual != factual[unit]).any(1))
+    if not len(changed):
+        return out
+    def probs(imgs) -> list[np.ndarray]:
+        return [np.asarray(p, dtype=np.float64) for p in critic.predict_proba(imgs)]
+
+    p_in = probs(np.asarray(images))
+    before = np.stack([p.argmax(1) for p in p_in], 1)[unit]
+    # the edit must be read as the input is, and about as surely: at least min(input's, confidence)
+    need = np.stack([p.max(1) for p in p_in], 1)[unit]
+    need = np.minimum(need, confidence)
+    p_now = [np.zeros((len(unit), p.shape[1])) for p in p_in]
+    for j, p in enumerate(probs(to_uint8(out[changed]))):
+        p_now[j][changed] = p
+
+    def held(pk, rows, k):  # read as the input is, and at least that surely
+        return (pk.argmax(1) == before[rows, k]) & (pk[np.arange(len(rows)), before[rows, k]] >= need[rows, k] - 1e-9)
+
+    for k in range(factual.shape[1]):
+        keep = changed[counterfactual[changed, k] == factual[unit[changed], k]]
+        bad = keep[~held(p_now[k][keep], keep, k)]
+        if not len(bad):
+            continue
+        toward, away = counterfactual[bad].copy(), counterfactual[bad].copy()
+        toward[:, k] = before[bad, k]
+        other = p_now[k][bad].copy()
+        other[np.arange(len(bad)), before[bad, k]] = -1
+        away[:, k] = other.argmax(1)
+        back = (np.asarray(mechanism.decode(toward, u[unit[bad]]), dtype=np.float32)
+                - np.asarray(mechanism.decode(away, u[unit[bad]]), dtype=np.float32))
+        todo = np.arange(len(bad))
+        for c in grid:
+            trial = np.clip(out[bad[todo]] + c * back[todo], 0.0, 1.0)
+            read = probs(to_uint8(trial))
+            ok = held(read[k], bad[todo], k)
+            out[bad[todo[ok]]] = trial[ok]
+            for j in range(len(p_now)):
+                p_now[j][bad[todo[ok]]] = read[j][ok]
+            todo = todo[~ok]
+            if not len(todo):
+                break
+    return out

@@ -65,6 +65,10 @@ REALISM_NOTE = ("FID/KID computed in the penultimate-layer feature space of the 
 #: (32/128, seed 0), its own BarMNIST units (the training split drawn with this seed), trained longer
 #: (digit accuracy about 0.986 on Colored MNIST; about a minute on one CPU thread, then cached).
 READER_DEFAULTS = {"n": 40000, "epochs": 6, "seed": 7919, "width": 32, "hidden": 160, "n_test": 2000}
+#: Reader options besides those (a graph file's ``reader:`` recipe may set any of them): ``mirror``
+#: reads each image and its left-right mirror and averages the probabilities (faces, never digits),
+#: plus the classifier's training options (:data:`cfedit.image.train.LABELLER_DEFAULTS`: flip, shift...).
+READER_EXTRA = ("mirror",)
 READER_KIND = "cfedit-reader/1"
 
 
@@ -90,9 +94,11 @@ class ReaderInfo:
         if self.oracle:
             parts.append(f"pixel oracles for {', '.join(self.oracle)}")
         if cls:
+            mirror = ", mirror-averaged" if self.train.get("mirror") else ""
             parts.append(f"classifier (Labeller width {self.classifier.get('width')}, hidden "
                          f"{self.classifier.get('hidden')}, seed {self.train.get('seed')}, "
-                         f"{self.train.get('n')} images) for {', '.join(cls)}")
+                         f"{self.train.get('n')} images, {self.train.get('epochs')} epochs{mirror}) "
+                         f"for {', '.join(cls)}")
         acc = ", ".join(f"{k} {v:.3f}" for k, v in self.test_accuracy.items())
         return f"{'; '.join(parts)} — test accuracy {acc}"
 
@@ -100,20 +106,29 @@ class ReaderInfo:
 class Reader:
     """Reads factors off images independently of any model: pixel oracles for ``oracle`` factors, the
     separately trained ``classifier`` (a :class:`cfedit.image.Labeller`) for the others; its
-    penultimate layer (the input of the heads) is the feature space of FID/KID."""
+    penultimate layer (the input of the heads) is the feature space of FID/KID. With ``mirror`` the
+    classifier reads each image and its left-right mirror and averages the probabilities (for faces:
+    fewer readings flip on a borderline face; FID/KID features stay those of the image itself)."""
 
-    def __init__(self, graph: CausalGraph, classifier, oracle: Sequence[str] = (), info: ReaderInfo | None = None):
+    def __init__(self, graph: CausalGraph, classifier, oracle: Sequence[str] = (), info: ReaderInfo | None = None,
+                 mirror: bool = False):
         self.graph = graph
         self.classifier = classifier.eval()
         self.oracle = tuple(o for o in oracle if o in graph)
         self.info = info
+        self.mirror = bool(mirror)
 
     def read(self, images) -> np.ndarray:
         """Factor value indices int64 [n, k] of uint8 images [n, C, S, S]."""
         from cfedit.data import oracle_factors
 
         images = np.asarray(images)
-        v = np.asarray(self.classifier.predict(images), dtype=np.int64)
+        if self.mirror:
+            both = zip(self.classifier.predict_proba(images),
+                       self.classifier.predict_proba(np.ascontiguousarray(images[..., ::-1])))
+            v = np.stack([np.asarray(a + b).argmax(1) for a, b in both], 1).astype(np.int64)
+        else:
+            v = np.asarray(self.classifier.predict(images), dtype=np.int64)
         if self.oracle and len(images):
             for name, val in oracle_factors(images, self.graph).items():
                 if name in self.oracle:
@@ -136,12 +151,15 @@ class Reader:
         return torch.cat(captured).numpy().astype(np.float64)
 
     def check_independent(self, model, name: str = "model") -> None:
-        """Refuse to measure a model with its own labeller (the same object or the same weights)."""
-        lab = getattr(model, "labeller", None)
-        if lab is None:
-            return
+        """Refuse to measure a model with its own labeller or critic (the same object or the same weights)."""
+        for part in ("labeller", "critic"):
+            lab = getattr(model, part, None)
+            if lab is not None:
+                self._check_not(lab, f"{name}'s own {part}")
+
+    def _check_not(self, lab, what: str) -> None:
         if lab is self.classifier:
-            raise ValueError(f"the reader's classifier is {name}'s own labeller; eval needs an independent reader")
+            raise ValueError(f"the reader's classifier is {what}; eval needs an independent reader")
         try:
             same_cfg = lab.config() == self.classifier.config()
         except AttributeError:
@@ -149,7 +167,7 @@ class Reader:
         if same_cfg:
             a, b = lab.state_dict(), self.classifier.state_dict()
             if a.keys() == b.keys() and all(a[k].shape == b[k].shape and bool((a[k] == b[k]).all()) for k in a):
-                raise ValueError(f"the reader's classifier has the same weights as {name}'s own labeller; "
+                raise ValueError(f"the reader's classifier has the same weights as {what}; "
                                  "eval needs an independently trained reader")
 
 
@@ -167,11 +185,11 @@ def train_reader(graph: CausalGraph, n: int = READER_DEFAULTS["n"], epochs: int 
                  seed: int = READER_DEFAULTS["seed"], data: str | Path | None = None, root: str | Path | None = None,
                  device: str = "cpu", progress: Progress | None = None, n_test: int = READER_DEFAULTS["n_test"],
                  oracle: bool | None = None, width: int = READER_DEFAULTS["width"],
-                 hidden: int = READER_DEFAULTS["hidden"], **labeller_options) -> Reader:
+                 hidden: int = READER_DEFAULTS["hidden"], mirror: bool = False, **labeller_options) -> Reader:
     """Train the independent reader of a graph: a classifier on ``n`` training-split images drawn with
     ``seed`` (other units and another order than a model's fit), plus pixel oracles (``oracle``:
-    None = automatic, on for Colored-MNIST graphs). Its accuracy on ``n_test`` real test images goes
-    into ``reader.info``."""
+    None = automatic, on for Colored-MNIST graphs); ``mirror``: see :class:`Reader`. Its accuracy on
+    ``n_test`` real test images goes into ``reader.info``."""
     from cfedit.data import dataset_for_graph
     from cfedit.image import train_labeller
 
@@ -181,10 +199,10 @@ def train_reader(graph: CausalGraph, n: int = READER_DEFAULTS["n"], epochs: int 
     clf, _ = train_labeller(train, graph, epochs=epochs, device=device, seed=seed, width=width, hidden=hidden,
                             progress=lambda s, t, m: report("reader", s, t, m), **labeller_options)
     clf = clf.to("cpu").eval()
-    reader = Reader(graph, clf, _oracle_names(graph, oracle))
+    reader = Reader(graph, clf, _oracle_names(graph, oracle), mirror=mirror)
     test = dataset_for_graph(graph, "test", n_test, seed + 1, data, root)
     cfg = {"n": len(train), "epochs": epochs, "seed": seed, "data": str(data) if data else (graph.data or None),
-           "options": dict(labeller_options)}
+           "options": dict(labeller_options), **({"mirror": True} if mirror else {})}
     reader.info = ReaderInfo(
         oracle=list(reader.oracle), classifier=clf.config(), train=cfg,
         test_accuracy=_accuracy(reader.read(test.images), test.factors, graph),
@@ -200,7 +218,8 @@ def save_reader(reader: Reader, path: str | Path) -> Path:
 
     info = reader.info
     tensors = {f"classifier.{k}": v for k, v in reader.classifier.state_dict().items()}
-    config = {"kind": READER_KIND, "classifier": reader.classifier.config(), "oracle": list(reader.oracle)}
+    config = {"kind": READER_KIND, "classifier": reader.classifier.config(), "oracle": list(reader.oracle),
+              "mirror": reader.mirror}
     extra = {} if info is None else {"train": info.train, "test_accuracy": info.test_accuracy,
                                      "classifier_accuracy": info.classifier_accuracy, "seconds": info.seconds}
     return save_checkpoint(path, tensors, reader.graph, config, extra)
@@ -219,12 +238,25 @@ def load_reader(path: str | Path, graph: CausalGraph | None = None) -> Reader:
     ck.check_graph(g)
     clf = Labeller.from_config(ck.config["classifier"])
     clf.load_state_dict(ck.section("classifier"))
-    reader = Reader(g, clf, ck.config.get("oracle", ()))
+    reader = Reader(g, clf, ck.config.get("oracle", ()), mirror=bool(ck.config.get("mirror", False)))
     ex = ck.extra
     reader.info = ReaderInfo(list(reader.oracle), clf.config(), ex.get("train", {}), ex.get("test_accuracy", {}),
                              ex.get("classifier_accuracy", {}), int(clf.heads[0].in_features), "file", str(path),
                              float(ex.get("seconds", 0.0)))
     return reader
+
+
+def reader_options(graph: CausalGraph, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The graph file's ``reader:`` recipe overridden by ``config``, checked against the known options."""
+    from cfedit.image.train import LABELLER_DEFAULTS
+
+    merged = {**graph.reader, **(config or {})}
+    known = tuple(READER_DEFAULTS) + READER_EXTRA + tuple(k for k in LABELLER_DEFAULTS if k not in READER_DEFAULTS)
+    unknown = sorted(set(merged) - set(known))
+    if unknown:
+        raise ValueError(f"{graph.source or graph.name}: 'reader' has unknown option {unknown[0]!r} "
+                         f"(known: {', '.join(known)})")
+    return merged
 
 
 def reader_cache_path(graph: CausalGraph, data: str | Path | None = None, oracle: bool | None = None,
@@ -243,7 +275,8 @@ def load_or_train_reader(graph: CausalGraph, path: str | Path | None = None, cac
                          progress: Progress | None = None, oracle: bool | None = None, **config) -> Reader:
     """The reader at ``path`` (``--reader``: loaded when it exists, else trained and written there),
     else the cached one of this graph and config, trained and cached on first use (``cache=False``:
-    train without writing)."""
+    train without writing). ``config`` overrides the graph file's ``reader:`` recipe."""
+    config = reader_options(graph, config)
     target = Path(path) if path is not None else (reader_cache_path(graph, data, oracle, **config) if cache else None)
     if target is not None and target.exists():
         reader = load_reader(target, graph)
@@ -270,7 +303,7 @@ def with_features(model, family: str, seed: int = 0, fitted=None):
     feats = fitted if fitted is not None else make_feature_model(family, model.graph).fit(model.pv, seed=seed)
     info = {**dict(model.info or {}), "features": feats.family, "derived_from": model.info.get("features")}
     return ANCM(model.graph, feats, model.mechanism, model.labeller, model.pv, info, residual=model.residual,
-                gains=model.gains, protect=model.protect)
+                gains=model.gains, protect=model.protect, critic=model.critic)
 
 
 def load_models(checkpoints: Sequence[str | Path], graph: CausalGraph | None = None,

@@ -113,6 +113,9 @@ class CausalGraph:
     # command line overrides it. Not part of the structure: it changes how a model is trained, not
     # which models fit the graph.
     fit: dict[str, Any] = field(default_factory=dict)
+    # How ``cfedit eval`` trains its independent reader for this graph (epochs, width, augmentation such
+    # as flip, mirror reading); command-line and API options override it. Not part of the structure.
+    reader: dict[str, Any] = field(default_factory=dict)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -243,6 +246,8 @@ class CausalGraph:
             out["queries"] = dict(self.queries)
         if self.fit:
             out["fit"] = dict(self.fit)
+        if self.reader:
+            out["reader"] = dict(self.reader)
         return out
 
     def structure_hash(self) -> str:
@@ -297,7 +302,7 @@ class CausalGraph:
         return CausalGraph(
             name=f"{self.name}-markovian", variables=self.variables, edges=tuple(edges),
             confounders=(), image=self.image, description=self.description, data=self.data,
-            queries=dict(self.queries), source=self.source, fit=dict(self.fit),
+            queries=dict(self.queries), source=self.source, fit=dict(self.fit), reader=dict(self.reader),
         )
 
 
@@ -308,7 +313,7 @@ class CausalGraph:
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _EDGE = re.compile(rf"^\s*({_NAME})\s*->\s*({_NAME})\s*$")
 _BIDIRECTED = re.compile(rf"^\s*({_NAME})\s*<->\s*({_NAME})\s*$")
-_TOP_KEYS = {"name", "description", "variables", "edges", "confounders", "image", "data", "queries", "fit"}
+_TOP_KEYS = {"name", "description", "variables", "edges", "confounders", "image", "data", "queries", "fit", "reader"}
 
 
 class _Lines:
@@ -461,16 +466,19 @@ def graph_from_dict(d: Any, source: str = "<graph>", lines: _Lines | None = None
         raise err("'queries' must be a mapping of name: \"P(...)\"", "queries")
     queries = {str(k): str(v) for k, v in queries.items()}
 
-    fit = d.get("fit") or {}
-    if not isinstance(fit, dict) or not all(isinstance(v, (bool, int, float, str)) for v in fit.values()):
-        raise err("'fit' must be a mapping of training options to numbers, booleans or words, "
-                  "e.g. {epochs: 10, residual: true}", "fit")
+    recipes = {}
+    for key, example in (("fit", "{epochs: 10, residual: true}"), ("reader", "{epochs: 15, flip: true}")):
+        recipe = d.get(key) or {}
+        if not isinstance(recipe, dict) or not all(isinstance(v, (bool, int, float, str)) for v in recipe.values()):
+            raise err(f"'{key}' must be a mapping of training options to numbers, booleans or words, "
+                      f"e.g. {example}", key)
+        recipes[key] = dict(recipe)
 
     try:
         graph = CausalGraph(
             name=name, variables=tuple(variables), edges=tuple(edges), confounders=tuple(confounders),
             image=image, description=str(d.get("description") or ""), data=data, queries=queries,
-            source=source, fit=dict(fit),
+            source=source, fit=recipes["fit"], reader=recipes["reader"],
         )
     except GraphError as e:
         raise err(str(e).split(": ", 1)[1], "edges") from None

@@ -180,3 +180,21 @@ def test_calibrated_fit_trains_a_critic_and_keeps_its_calibration(tmp_path, mnis
     cf[:, 1] = 1 - cf[:, 1]
     assert np.array_equal(back.transform(ds.images, ds.factors, cf), model.transform(ds.images, ds.factors, cf))
     assert np.abs(back.transform(ds.images, ds.factors, ds.factors).astype(int) - ds.images).max() <= 1
+
+
+def test_guarded_fit_ships_its_critic(tmp_path, mnist_root):
+    g = load_graph("backdoor")
+    out = tmp_path / "guard.safetensors"
+    model, summary = fit_ancm(g, out, FitOptions(mnist_root=str(mnist_root), residual=True, guard=True,
+                                                 critic_epochs=2, **TINY))
+    # the guard alone trains the critic (2 epochs, its own count) and ships it; nothing is calibrated
+    assert summary["recipe"]["guard"] is True and summary["recipe"]["critic_epochs"] == 2
+    assert model.gains is None and "calibration" not in summary and "critic" in summary["seconds"]
+    assert set(summary) >= {f"critic_acc_{k}" for k in g.names}
+    back = ANCM.load(out)
+    assert back.critic is not None and back.critic.config() == model.critic.config()
+    ds = BarMNIST("backdoor", "test", n=16, seed=6, root=mnist_root)
+    cf = ds.factors.copy()
+    cf[:, 2] = 1 - cf[:, 2]
+    assert np.array_equal(back.transform(ds.images, ds.factors, cf), model.transform(ds.images, ds.factors, cf))
+    assert np.abs(back.transform(ds.images, ds.factors, ds.factors).astype(int) - ds.images).max() <= 1

@@ -5,7 +5,8 @@ import pytest
 
 from cfedit.ancm import ANCM, redraw
 from cfedit.features import make_feature_model
-from cfedit.calibration import GAIN_GRID, calibrate_edits, gain_columns, gained_change, protect_columns, remove_toward
+from cfedit.calibration import (GAIN_GRID, calibrate_edits, gain_columns, gained_change, guard_kept, protect_columns,
+                                remove_toward)
 from cfedit.graph import load_graph
 from cfedit.scm import scm_for_graph
 
@@ -51,6 +52,10 @@ class ChannelCritic:
             level = (x[:, j] - BASE) / e * (size - 1)
             out.append(np.clip(np.floor(level + 0.25), 0, size - 1).astype(np.int64))
         return np.stack(out, 1)
+
+    def predict_proba(self, images):
+        read = self.predict(images)
+        return [np.eye(size)[read[:, j]] for j, size in enumerate(self.sizes)]
 
 
 class Data:
@@ -294,3 +299,62 @@ def test_samples_of_one_image_share_its_decodes_and_give_the_same_change(graph):
     shared = gained_change(mech, u, v, cf, cols, protect=prot, unit=unit)
     repeated = gained_change(mech, u[unit], v[unit], cf, cols, protect=prot)
     assert np.array_equal(shared, repeated)
+
+
+def test_guard_steps_back_until_the_critic_reads_the_kept_factor_again(graph):
+    # turning color on also draws the bar's whole effect (0.2) on bar-off images, which the critic then
+    # reads as bar on. The guard's direction for the bar is decode(cf, bar off) - decode(cf, bar on) =
+    # -0.2 on the bar's channel; the critic reads bar off again below 0.25 above the base, so from
+    # 0.3 the smallest multiple of the grid that restores it is 0.5 (0.25 stops at the border): the bar
+    # channel keeps a change of 0.2 - 0.5 * 0.2 = 0.1.
+    mech, critic = EntangledMechanism(graph), ChannelCritic(graph)
+    data = Data(graph, 16, seed=3)
+    x, v = data.images, data.factors
+    v[:, 1] = 0
+    x = (np.clip(mech.decode(v, np.full((16, 3, S, S), BASE, np.float32)), 0, 1) * 255 + 0.5).astype(np.uint8)
+    cf = v.copy()
+    cf[:, 1] = 1
+    plain = redraw(mech, x, v, cf, residual=True)
+    guarded = redraw(mech, x, v, cf, residual=True, guard=critic)
+    off = v[:, 2] == 0
+    assert off.any() and (~off).any()
+    assert np.all(critic.predict(plain)[off, 2] == 1)  # unguarded, the bar-off images read bar on
+    assert np.all(critic.predict(guarded)[:, 2] == v[:, 2])  # guarded, every bar reads as before
+    assert np.all(critic.predict(guarded)[:, 1] == 1)  # and the color edit itself still reads
+    d = guarded.astype(np.float32) - x
+    assert np.allclose(d[off, 2] / 255, 0.1, atol=1.5 / 255)
+    assert np.array_equal(guarded[~off], plain[~off])  # read the same already: untouched
+    assert np.array_equal(guarded[:, :2], plain[:, :2])
+    assert np.array_equal(redraw(mech, x, v, v, residual=True, guard=critic), x)  # the null edit is the input
+    # no multiple of the grid restores the reading: the rows are left as drawn
+    u = mech.abduct(x, v)
+    drawn = plain.astype(np.float32) / 255
+    assert np.array_equal(guard_kept(mech, critic, x, drawn, u, v, cf, grid=(0.25,)), drawn)
+    # an edit that changes the bar does not keep it: nothing to guard
+    both = cf.copy()
+    both[:, 2] = 1 - v[:, 2]
+    assert np.array_equal(redraw(mech, x, v, both, residual=True, guard=critic), redraw(mech, x, v, both, residual=True))
+
+
+def test_guard_survives_the_checkpoint(graph, tmp_path):
+    from cfedit.image import ImageMechanism, Labeller
+
+    import torch
+
+    pv = scm_for_graph(graph).joint()
+    torch.manual_seed(0)
+    mech = ImageMechanism.for_graph(graph, width=8, latent=4, hidden=16).eval()
+    lab = Labeller.for_graph(graph, width=8, hidden=16).eval()
+    critic = Labeller.for_graph(graph, width=8, hidden=24).eval()
+    model = ANCM(graph, make_feature_model("canonical", graph).fit(pv), mech, lab, pv, {}, residual=True,
+                 critic=critic)
+    back = ANCM.load(model.save(tmp_path / "c.safetensors"))
+    assert back.critic is not None and back.critic.config() == critic.config()
+    assert all(torch.equal(a, b) for a, b in zip(back.critic.state_dict().values(), critic.state_dict().values()))
+    x = np.random.default_rng(0).integers(0, 256, (6, 3, 28, 28)).astype(np.uint8)
+    v = np.array([[1, 0, 0], [2, 1, 0], [3, 0, 1], [4, 1, 1], [5, 0, 0], [6, 1, 1]])
+    cf = v.copy()
+    cf[:, 1] = 1 - v[:, 1]
+    assert np.array_equal(back.transform(x, v, cf), model.transform(x, v, cf))
+    assert np.array_equal(back.transform(x, v, v), x)
+    assert ANCM.load(ANCM(graph, model.features, mech, lab, pv, {}).save(tmp_path / "p.safetensors")).critic is None

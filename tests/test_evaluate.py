@@ -132,6 +132,57 @@ def test_reader_is_never_the_models_labeller(graph, reader, tmp_path):
     assert E.load_reader(path, graph).info.test_accuracy == reader.info.test_accuracy
     with pytest.raises(CheckpointError, match="another|differs"):
         E.load_reader(path, load_graph("frontdoor"))
+    guarded = ANCM(graph, own.features, own.mechanism, copy.deepcopy(own.labeller), pv, {}, critic=reader.classifier)
+    guarded.labeller = type(reader.classifier).for_graph(graph, width=8, hidden=16)
+    with pytest.raises(ValueError, match="own critic"):
+        reader.check_independent(guarded)
+
+
+class HalfBlindClassifier:
+    """Reads every factor as 1 when the left half of the image is brighter than the right, else 0
+    (probabilities 0.9 / 0.1): a mirrored image reads the other way."""
+
+    sizes = (10, 2, 2)
+
+    def eval(self):
+        return self
+
+    def predict_proba(self, images):
+        x = np.asarray(images, dtype=np.float32)
+        left = x[..., : x.shape[-1] // 2].mean(axis=(1, 2, 3)) > x[..., x.shape[-1] // 2:].mean(axis=(1, 2, 3))
+        p = np.where(left, 0.9, 0.1)
+        out = []
+        for s in self.sizes:
+            q = np.full((len(x), s), 0.0)
+            q[:, 0], q[:, 1] = 1 - p, p
+            out.append(q)
+        return out
+
+    def predict(self, images):
+        return np.stack([q.argmax(1) for q in self.predict_proba(images)], 1)
+
+
+def test_mirror_reading_averages_an_image_and_its_mirror(graph):
+    x = np.zeros((2, 3, 4, 4), np.uint8)
+    x[0, :, :, :2] = 200  # left bright: read 1 as is, 0 mirrored
+    x[1, :, :, 2:] = 200
+    plain, mirror = E.Reader(graph, HalfBlindClassifier()), E.Reader(graph, HalfBlindClassifier(), mirror=True)
+    assert plain.read(x)[:, 1].tolist() == [1, 0]
+    # averaged, 0.9 + 0.1 against 0.1 + 0.9: a tie, which argmax gives to the first value
+    assert mirror.read(x)[:, 1].tolist() == [0, 0]
+    assert mirror.read(x[:0]).shape == (0, 3)
+
+
+def test_reader_options_come_from_the_graph_recipe(graph, tmp_path):
+    from dataclasses import replace
+
+    g = replace(graph, reader={"epochs": 9, "mirror": True})
+    assert E.reader_options(g) == {"epochs": 9, "mirror": True}
+    assert E.reader_options(g, {"epochs": 2}) == {"epochs": 2, "mirror": True}  # the caller's options win
+    assert E.reader_cache_path(g, **E.reader_options(g)) != E.reader_cache_path(graph)
+    assert E.reader_cache_path(graph, epochs=E.READER_DEFAULTS["epochs"]) == E.reader_cache_path(graph)
+    with pytest.raises(ValueError, match="'reader' has unknown option 'mirrror'"):
+        E.reader_options(replace(graph, reader={"mirrror": True}))
 
 
 # -- the report on exact editors ---------------------------------------------------------------

@@ -64,10 +64,11 @@ def test_the_shipped_face_checkpoint_is_small_and_noticed():
 
 def test_a_tiny_residual_face_model_trains_on_the_real_folder(tmp_path, celebahq):
     out = tmp_path / "faces.safetensors"
-    opts = FitOptions(data=str(celebahq), n_train=256, n_eval=64, epochs=1, labeller_epochs=1,
+    opts = FitOptions(data=str(celebahq), n_train=256, n_eval=64, epochs=1, labeller_epochs=1, critic_epochs=1,
                       mechanism_options={"batch_size": 64, "width": 8, "hidden": 32, "latent": 8})
     model, summary = fit_ancm(load_graph("celeba"), out, opts)
     assert model.residual and summary["recipe"]["residual"] is True  # from the graph file's fit recipe
+    assert summary["recipe"]["guard"] is True and model.critic is not None and summary["recipe"]["critic_flip"]
     assert summary["null_edit_mae"] < 1e-3 < summary["reconstruction_mae"]
     assert ANCM.load(out).residual
 

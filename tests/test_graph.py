@@ -105,6 +105,7 @@ BAD = [
     ("variables: [\n", "not valid YAML", None),
     ("variables:\n  a: [x, y]\nfit: [10]\n", "'fit' must be a mapping", 3),
     ("variables:\n  a: [x, y]\nfit: {epochs: [1, 2]}\n", "'fit' must be a mapping", 3),
+    ("variables:\n  a: [x, y]\nreader: {flip: [1]}\n", "'reader' must be a mapping", 3),
     ("", "empty", None),
 ]
 
@@ -146,4 +147,8 @@ def test_fit_recipe_is_not_structure(tmp_path):
     d["fit"] = {"epochs": 1}
     p.write_text(yaml.safe_dump(d, sort_keys=False))
     g2 = load_graph(p)
+    d["reader"] = {"epochs": 3, "mirror": False}
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    g2 = load_graph(p)
     assert g2.fit == {"epochs": 1} and g2.structure_hash() == g.structure_hash()
+    assert g2.reader == {"epochs": 3, "mirror": False} and load_graph(p).to_dict()["reader"] == g2.reader
