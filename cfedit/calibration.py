@@ -46,8 +46,11 @@ import numpy as np
 
 from cfedit.graph import CausalGraph
 
-#: The gains tried, smallest first (the smallest that reaches the target wins).
-GAIN_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+#: The gains tried, smallest first (the smallest that reaches the target wins). Up to 2: a larger gain
+#: extrapolates the decoder's change past twice what it draws itself. Measured on CelebA-HQ with a
+#: critic that asked gray hair for 2.5: the gray edit painted colour blotches, and young faces aged
+#: with gray hair kept gender 0.957 / smiles 0.921 through the eval reader against 0.973 / 0.942 at 2.
+GAIN_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 1.75, 2.0)
 #: How much more often the critic must read a kept factor unchanged for it to be protected.
 PROTECT_MARGIN = 0.01
 #: The gain is the smallest at which the critic reads the edits as the new value at least this often
@@ -268,10 +271,10 @@ def guard_kept(mechanism, critic, images: np.ndarray, edited: np.ndarray, u: np.
     (counterfactual = factual) otherwise than on the input image are moved back along the decoder's own
     direction for that factor, decode(v' with the input's reading) - decode(v' with the edit's reading)
     at the counterfactual v', by the smallest multiple in ``grid`` after which the critic reads the
-    input's value again, at least min(its probability on the input, ``confidence``) surely; rows where
-    no multiple does are left as drawn. ``images``, ``u`` and
-    ``factual`` are per image; ``unit`` maps each edit to its image (default: row i is image i). Rows
-    whose edit changes nothing are never touched, so the null edit stays the input.
+    input's value again, at least min(its probability on the input, ``confidence``) surely, and still
+    reads every change of the edit it read before; rows where no multiple does are left as drawn. ``images``, ``u`` and ``factual`` are per image; ``unit`` maps
+    each edit to its image (default: row i is image i). Rows whose edit changes nothing are never
+    touched, so the null edit stays the input.
 
     Why: the calibrated change still moves kept factors on some images in ways no single direction
     removes for all of them (measured on CelebA-HQ, with an independent reader: de-aging flipped
@@ -287,6 +290,7 @@ def guard_kept(mechanism, critic, images: np.ndarray, edited: np.ndarray, u: np.
     changed = np.flatnonzero((counterfactual != factual[unit]).any(1))
     if not len(changed):
         return out
+
     def probs(imgs) -> list[np.ndarray]:
         return [np.asarray(p, dtype=np.float64) for p in critic.predict_proba(imgs)]
 
@@ -301,6 +305,17 @@ def guard_kept(mechanism, critic, images: np.ndarray, edited: np.ndarray, u: np.
 
     def held(pk, rows, k):  # read as the input is, and at least that surely
         return (pk.argmax(1) == before[rows, k]) & (pk[np.arange(len(rows)), before[rows, k]] >= need[rows, k] - 1e-9)
+
+    # the changes the critic reads on the edit: a correction may not undo any of them. Gray hair is read
+    # as age too, and stepping back along the age direction took the gray away with it: on 3,000
+    # training faces, gray edits were read as gray 0.73 of the real rate with that, 0.96 without it.
+    made = np.zeros_like(before, dtype=bool)
+    made[changed] = (counterfactual[changed] != factual[unit[changed]]) & (
+        np.stack([p[changed].argmax(1) for p in p_now], 1) == counterfactual[changed])
+
+    def still_made(read, rows):
+        now_read = np.stack([p.argmax(1) for p in read], 1)
+        return ~(made[rows] & (now_read != counterfactual[rows])).any(1)
 
     for k in range(factual.shape[1]):
         keep = changed[counterfactual[changed, k] == factual[unit[changed], k]]
@@ -318,7 +333,7 @@ def guard_kept(mechanism, critic, images: np.ndarray, edited: np.ndarray, u: np.
         for c in grid:
             trial = np.clip(out[bad[todo]] + c * back[todo], 0.0, 1.0)
             read = probs(to_uint8(trial))
-            ok = held(read[k], bad[todo], k)
+            ok = held(read[k], bad[todo], k) & still_made(read, bad[todo])
             out[bad[todo[ok]]] = trial[ok]
             for j in range(len(p_now)):
                 p_now[j][bad[todo[ok]]] = read[j][ok]

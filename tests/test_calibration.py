@@ -358,3 +358,65 @@ def test_guard_survives_the_checkpoint(graph, tmp_path):
     assert np.array_equal(back.transform(x, v, cf), model.transform(x, v, cf))
     assert np.array_equal(back.transform(x, v, v), x)
     assert ANCM.load(ANCM(graph, model.features, mech, lab, pv, {}).save(tmp_path / "p.safetensors")).critic is None
+
+
+class FaintlyEntangledMechanism(AdditiveMechanism):
+    """Turning color on draws a quarter of the bar's effect (0.05) on the bar's channel."""
+
+    def _effect(self, factors):
+        out = super()._effect(factors)
+        out[:, 2] += 0.05 * np.asarray(factors, dtype=np.float32)[:, 1, None, None]
+        return out
+
+
+class SoftBarCritic(ChannelCritic):
+    """Reads the bar with probability linear in its channel: P(bar on) = (mean - 0.1) / 0.2, clipped."""
+
+    def predict_proba(self, images):
+        read = ChannelCritic.predict(self, images)
+        out = [np.eye(size)[read[:, j]] for j, size in enumerate(self.sizes)]
+        on = np.clip((np.asarray(images, dtype=np.float32)[:, 2].mean(axis=(1, 2)) / 255.0 - BASE) / 0.2, 0, 1)
+        out[2] = np.stack([1 - on, on], 1)
+        return out
+
+    def predict(self, images):
+        return np.stack([p.argmax(1) for p in self.predict_proba(images)], 1)
+
+
+def test_guard_holds_a_kept_factor_as_surely_as_the_input_shows_it(graph):
+    # color on leaves bar-off images at 0.15 on the bar's channel: still read bar off, but only 75%
+    # surely where the input was read so 100%. At the guard's confidence 0.95 that is not held: a
+    # quarter of the bar's direction (-0.2) brings the channel back to 0.1; at 0.5 it is held as is.
+    mech, critic = FaintlyEntangledMechanism(graph), SoftBarCritic(graph)
+    n = 8
+    v = np.stack([np.arange(n) % 10, np.zeros(n, int), np.zeros(n, int)], 1)
+    x = (np.clip(mech.decode(v, np.full((n, 3, S, S), BASE, np.float32)), 0, 1) * 255 + 0.5).astype(np.uint8)
+    cf = v.copy()
+    cf[:, 1] = 1
+    u = mech.abduct(x, v)
+    drawn = np.clip(x / 255.0 + gained_change(mech, u, v, cf, None), 0, 1).astype(np.float32)
+    assert np.allclose(drawn[:, 2].mean(axis=(1, 2)), 0.15, atol=1 / 255)  # uint8 input
+    sure = guard_kept(mech, critic, x, drawn, u, v, cf)
+    assert np.allclose(sure[:, 2].mean(axis=(1, 2)), 0.10, atol=1 / 255)
+    assert np.array_equal(sure[:, :2], drawn[:, :2])
+    assert np.array_equal(guard_kept(mech, critic, x, drawn, u, v, cf, confidence=0.5), drawn)
+
+
+def test_guard_never_undoes_a_change_the_critic_reads(graph):
+    # color on is drawn on the bar's channel (+0.3), so bar-off images are read as bar on after it.
+    # Stepping back along the bar's direction (-0.2) far enough to read bar off again (1x) also takes
+    # color off the channel: the guard refuses every such step and leaves the edit as drawn.
+    mech, critic = SharedChannelMechanism(graph), SharedChannelCritic(graph)
+    n = 6
+    v = np.stack([np.arange(n), np.zeros(n, int), np.zeros(n, int)], 1)
+    x = (np.clip(mech.decode(v, np.full((n, 3, S, S), BASE, np.float32)), 0, 1) * 255 + 0.5).astype(np.uint8)
+    cf = v.copy()
+    cf[:, 1] = 1
+    u = mech.abduct(x, v)
+    drawn = np.clip(x / 255.0 + gained_change(mech, u, v, cf, None), 0, 1).astype(np.float32)
+    from cfedit.imageio import to_uint8
+
+    assert np.all(critic.predict(to_uint8(drawn))[:, 1:] == 1)  # color read on; the bar too
+    guarded = guard_kept(mech, critic, x, drawn, u, v, cf)
+    assert np.array_equal(guarded, drawn)
+    assert np.all(critic.predict(to_uint8(guarded))[:, 1] == 1)
