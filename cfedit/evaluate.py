@@ -751,9 +751,10 @@ def scm_name_of(graph: CausalGraph) -> str:
 def _kept_ceiling(read_pool: np.ndarray, labels: np.ndarray, j: int, z: int, factual: np.ndarray,
                   new: np.ndarray, size: int) -> float | None:
     """1 - the mean, over the edited units, of the total variation between the reader's readings of
-    factor z on real images labelled (x_j = old, z = g) and on those labelled (x_j = new, z = g): no edit,
-    however faithful, is read as keeping z more often, since two readings with those distributions
-    disagree at least that often. None when no unit has real images on both sides."""
+    factor z on real images labelled (x_j = old, z = g) and on those labelled (x_j = new, z = g): an edit
+    whose results are read like real images with the new value keeps z no more often, since two readings
+    with those distributions disagree at least that often (an edit held to its input's reading, as a
+    guarded one is, can exceed it). None when no unit has real images on both sides."""
     total, weight = 0.0, 0
     strata, counts = np.unique(np.stack([factual[:, j], new, factual[:, z]], 1), axis=0, return_counts=True)
     for (old, to, g), count in zip(strata, counts):
@@ -981,8 +982,8 @@ def render_tables(report: EvalReport) -> list:
         tables.append(tv)
         te = Table(title="effectiveness per new value against real images, and what each edit kept",
                    caption="edited: read as the new value; real: real test images labelled with that value read "
-                           "as it; ratio = edited / real. kept: non-descendants read the same before and after (≤: the most a "
-                           "faithful edit can show through this reader, see kept_ceiling in the JSON); "
+                           "as it; ratio = edited / real. kept: non-descendants read the same before and after (≤: the most an "
+                           "edit read like real faces of the new value can show, see kept_ceiling in the JSON); "
                            "the reader itself keeps its reading under a one-pixel shift for "
                            + ", ".join(f"{k} {v:.3f}" for k, v in report.realism.get("reader_shift_kept", {}).items()))
         for col in ("model", "do", "units", "edited", "real", "ratio", "kept (non-descendants)"):

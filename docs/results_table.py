@@ -54,7 +54,7 @@ def main() -> None:
                   f"{fmt(m['reversibility'], 4)} | {fmt(m['gt_mae'], 4)} |")
         if any(vm.get("by_value") for m in r["metrics"] for vm in m["variables"]):
             print("\n| model | do | units | read as the new value | real images read as it | ratio | "
-                  "kept (non-descendants, read the same before and after; ≤ the most a faithful edit can show) |")
+                  "kept (non-descendants, read the same before and after; ≤ the most an edit read like real images of the new value can show) |")
             print("|---|---|---|---|---|---|---|")
             for m in r["metrics"]:
                 for vm in m["variables"]:

@@ -57,8 +57,10 @@ def test_the_shipped_face_checkpoint_is_small_and_noticed():
     assert "CelebA" in notice and "non-commercial" in notice
     model = ANCM.load(ck)
     assert model.residual and model.graph.structure_hash() == load_graph("celeba").structure_hash()
-    # calibrated against the critic: gains per attribute value, and age=old keeps the smile off its change
+    # calibrated against the critic: gains per attribute value, and age=old keeps the smile off its change;
+    # the critic ships as the edit guard
     assert set(model.gains) == set(model.graph.names) and "smiling" in model.protect["age"][1]
+    assert model.critic is not None and model.info["recipe"]["guard"] is True
     assert model.info["recipe"]["calibrate"] is True and "age=old" in model.info["calibration"]
 
 
@@ -87,24 +89,18 @@ def face_report(celebahq):
 
 
 @pytest.mark.slow
-def test_the_shipped_face_model_meets_these_bars(face_report):
-    """The bars of issue 7 that the shipped model meets (measured: age 1.21, gray hair 0.97, eyeglasses
-    1.04 of the real rate; eyeglasses kept 0.991; null edit 0.0000; gray shares inside the bounds)."""
+def test_the_shipped_face_model_meets_the_bars(face_report):
+    """The bars of issue 7 (measured with the graph's reader recipe: age 1.18, gray hair 1.05, eyeglasses
+    1.21 of the real rate; age edits keep gender 0.977, smiling 0.962, eyeglasses 0.992; null edit
+    0.0000; gray shares inside the bounds for both genders)."""
     rep, mm, v = face_report
     for name, value in (("age", "old"), ("gray_hair", "yes"), ("eyeglasses", "yes")):
         assert v[name].by_value[value].ratio >= 0.9, (name, v[name].by_value[value])
+    assert v["age"].kept["gender"] >= 0.97 and v["age"].kept["smiling"] >= 0.95
     assert v["age"].kept["eyeglasses"] >= 0.95
     assert mm.composition["1"] <= 0.02
     q = {qr.name: qr for qr in rep.queries}
     for name in ("gray_if_old_female", "gray_if_old_male"):
-        # inside the bounds (men), or inside them as the reader shows them (women: the reader misses gray)
+        # inside the bounds, or inside them as the reader shows them (the reader misses some gray)
         (r,) = q[name].results
         assert r.verdict.inside or (r.verdict_reader is not None and r.verdict_reader.inside), (name, r)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 7 open: age edits (both directions) keep gender 0.934 and smiling "
-                                       "0.942 (bars 0.97 / 0.95; the reader's own ceilings 0.975 / 0.972)")
-def test_the_shipped_face_model_meets_the_open_bars(face_report):
-    rep, mm, v = face_report
-    assert v["age"].kept["gender"] >= 0.97 and v["age"].kept["smiling"] >= 0.95
