@@ -272,9 +272,9 @@ def guard_kept(mechanism, critic, images: np.ndarray, edited: np.ndarray, u: np.
     direction for that factor, decode(v' with the input's reading) - decode(v' with the edit's reading)
     at the counterfactual v', by the smallest multiple in ``grid`` after which the critic reads the
     input's value again, at least min(its probability on the input, ``confidence``) surely, and still
-    reads every change of the edit it read before; rows where no multiple does are left as drawn. ``images``, ``u`` and ``factual`` are per image; ``unit`` maps
-    each edit to its image (default: row i is image i). Rows whose edit changes nothing are never
-    touched, so the null edit stays the input.
+    reads every change of the edit it read before; rows where no multiple does are left as drawn.
+    ``images``, ``u`` and ``factual`` are per image; ``unit`` maps each edit to its image (default: row
+    i is image i). Rows whose edit changes nothing are never touched, so the null edit stays the input.
 
     Why: the calibrated change still moves kept factors on some images in ways no single direction
     removes for all of them (measured on CelebA-HQ, with an independent reader: de-aging flipped
@@ -297,8 +297,7 @@ def guard_kept(mechanism, critic, images: np.ndarray, edited: np.ndarray, u: np.
     p_in = probs(np.asarray(images))
     before = np.stack([p.argmax(1) for p in p_in], 1)[unit]
     # the edit must be read as the input is, and about as surely: at least min(input's, confidence)
-    need = np.stack([p.max(1) for p in p_in], 1)[unit]
-    need = np.minimum(need, confidence)
+    need = np.minimum(np.stack([p.max(1) for p in p_in], 1)[unit], confidence)
     p_now = [np.zeros((len(unit), p.shape[1])) for p in p_in]
     for j, p in enumerate(probs(to_uint8(out[changed]))):
         p_now[j][changed] = p
@@ -308,7 +307,8 @@ def guard_kept(mechanism, critic, images: np.ndarray, edited: np.ndarray, u: np.
 
     # the changes the critic reads on the edit: a correction may not undo any of them. Gray hair is read
     # as age too, and stepping back along the age direction took the gray away with it: on 3,000
-    # training faces, gray edits were read as gray 0.73 of the real rate with that, 0.96 without it.
+    # training faces, gray edits were read as gray 0.73 of the real rate when a correction could undo
+    # it, 0.96 with this rule.
     made = np.zeros_like(before, dtype=bool)
     made[changed] = (counterfactual[changed] != factual[unit[changed]]) & (
         np.stack([p[changed].argmax(1) for p in p_now], 1) == counterfactual[changed])
