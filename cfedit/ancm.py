@@ -232,20 +232,20 @@ def redraw(mechanism, images: np.ndarray, factual: np.ndarray, counterfactual: n
         raise ValueError(f"{len(counterfactual)} counterfactual rows for {n} images (need a multiple)")
     k = len(counterfactual) // n
     u = np.asarray(mechanism.abduct(images, factual))
-    if gains is not None or protect is not None or guard is not None:
+    unit = np.repeat(np.arange(n), k)  # counterfactual row -> its image
+    if gains is not None or protect is not None:
         start = np.asarray(mechanism.decode(factual, u), dtype=np.float32)
-        unit = np.repeat(np.arange(n), k)  # counterfactual row -> its image
         base = images.astype(np.float32)[unit] / 255.0 if residual else start[unit]
         change = gained_change(mechanism, u, factual, counterfactual, gains, start=start, protect=protect, unit=unit)
         out = np.clip(base + change, 0.0, 1.0)
-        if guard is not None:
-            out = guard_kept(mechanism, guard, images, out, u, factual, counterfactual, unit)
-        return to_uint8(out)
-    out = np.asarray(mechanism.decode(counterfactual, np.repeat(u, k, axis=0)))
-    if residual:
-        rec = np.asarray(mechanism.decode(factual, u))
-        x = images.astype(np.float32) / 255.0
-        out = np.clip(np.repeat(x - rec, k, axis=0) + out, 0.0, 1.0)
+    else:  # the plain edit: one decode, not the factor-by-factor sum
+        out = np.asarray(mechanism.decode(counterfactual, u[unit]))
+        if residual:
+            rec = np.asarray(mechanism.decode(factual, u))
+            x = images.astype(np.float32) / 255.0
+            out = np.clip((x - rec)[unit] + out, 0.0, 1.0)
+    if guard is not None:
+        out = guard_kept(mechanism, guard, images, out, u, factual, counterfactual, unit)
     return to_uint8(out)
 
 
