@@ -86,12 +86,12 @@ class ANCM:
 
     @classmethod
     def from_checkpoint(cls, ck: Checkpoint, device: str = "cpu") -> "ANCM":
-        from cfedit.image import ImageMechanism, Labeller
+        from cfedit.image import Labeller, mechanism_from_config
 
         g = ck.graph
         feats = load_feature_model(g, ck.config["features"],
                                    {k: v.numpy() for k, v in ck.section("features").items()})
-        mech = ImageMechanism.from_config(ck.config["mechanism"])
+        mech = mechanism_from_config(ck.config["mechanism"])
         mech.load_state_dict(ck.section("mechanism"))
         lab = Labeller.from_config(ck.config["labeller"])
         lab.load_state_dict(ck.section("labeller"))
@@ -271,24 +271,44 @@ class FitOptions:
     guard: bool | None = None  # ship the critic to guard kept factors per image (cfedit.calibration.guard_kept)
     critic_epochs: int | None = None  # the critic's epochs (default: the labeller's)
     critic_flip: bool | None = None  # the critic trains on left-right mirrored images too (faces)
+    mechanism: str | None = None  # the image mechanism: "cvae" (default) or "masked" (cfedit.image.editor)
 
 
 #: Keys of a graph file's ``fit:`` recipe that are not image-mechanism options.
-RECIPE_KEYS = ("epochs", "labeller_epochs", "residual", "calibrate", "guard", "critic_epochs", "critic_flip")
+RECIPE_KEYS = ("epochs", "labeller_epochs", "residual", "calibrate", "guard", "critic_epochs", "critic_flip",
+               "mechanism")
+#: The image mechanisms ``fit`` can train, by the name a recipe or ``--mechanism`` gives.
+MECHANISMS = ("cvae", "masked")
+
+
+def mechanism_defaults(kind: str) -> dict:
+    """The training options (and their defaults) of the image mechanism ``kind``."""
+    if kind == "masked":
+        from cfedit.image.masked_training import MASKED_DEFAULTS
+
+        return MASKED_DEFAULTS
+    if kind == "cvae":
+        from cfedit.image.train import MECHANISM_DEFAULTS
+
+        return MECHANISM_DEFAULTS
+    raise ValueError(f"unknown image mechanism {kind!r} (known: {', '.join(MECHANISMS)})")
 
 
 def resolve_options(graph: CausalGraph, options: FitOptions | None = None) -> FitOptions:
     """``options`` completed from the graph file's ``fit:`` recipe (explicit options win)."""
     from dataclasses import replace
 
-    from cfedit.image.train import MECHANISM_DEFAULTS
-
     o = options or FitOptions()
     recipe = dict(graph.fit)
-    unknown = sorted(set(recipe) - set(RECIPE_KEYS) - set(MECHANISM_DEFAULTS))
+    kind = o.mechanism or str(recipe.get("mechanism", "cvae"))
+    if kind not in MECHANISMS:
+        raise ValueError(f"{graph.source or graph.name}: unknown image mechanism {kind!r} "
+                         f"(known: {', '.join(MECHANISMS)})")
+    defaults = mechanism_defaults(kind)
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS) - set(defaults))
     if unknown:
         raise ValueError(f"{graph.source or graph.name}: 'fit' has unknown option {unknown[0]!r} (known: "
-                         f"{', '.join(RECIPE_KEYS + tuple(k for k in MECHANISM_DEFAULTS if k not in RECIPE_KEYS))})")
+                         f"{', '.join(RECIPE_KEYS + tuple(k for k in defaults if k not in RECIPE_KEYS))})")
     mech = {k: v for k, v in recipe.items() if k not in RECIPE_KEYS}
     mech.update(o.mechanism_options)
     residual = o.residual if o.residual is not None else bool(recipe.get("residual", False))
@@ -297,7 +317,7 @@ def resolve_options(graph: CausalGraph, options: FitOptions | None = None) -> Fi
     labeller_epochs = o.labeller_epochs if o.labeller_epochs is not None else recipe.get("labeller_epochs")
     critic_epochs = o.critic_epochs if o.critic_epochs is not None else recipe.get("critic_epochs", labeller_epochs)
     critic_flip = o.critic_flip if o.critic_flip is not None else bool(recipe.get("critic_flip", False))
-    return replace(o, epochs=o.epochs if o.epochs is not None else recipe.get("epochs"), calibrate=calibrate,
+    return replace(o, mechanism=kind, epochs=o.epochs if o.epochs is not None else recipe.get("epochs"), calibrate=calibrate,
                    guard=guard, labeller_epochs=labeller_epochs, critic_epochs=critic_epochs,
                    critic_flip=critic_flip, residual=residual, mechanism_options=mech)
 
@@ -336,6 +356,7 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
 
     from cfedit.data import dataset_for_graph
     from cfedit.image import train_image_mechanism, train_labeller
+    from cfedit.image.masked_training import train_masked_editor
 
     o = resolve_options(graph, options)
     out = Path(out)
@@ -371,10 +392,14 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         on_epoch=checkpoint_stage("labeller"))
     seconds["labeller"] = lab_metrics.get("seconds", 0.0)
 
-    mech, mech_metrics = train_image_mechanism(
-        train, graph, labeller, epochs=o.epochs, device=device, seed=o.seed + 1,
-        progress=lambda s, n, m: report("mechanism", s, n, m), state=state.get("mechanism"),
-        on_epoch=checkpoint_stage("mechanism"), **o.mechanism_options)
+    mech_progress = dict(progress=lambda s, n, m: report("mechanism", s, n, m), state=state.get("mechanism"),
+                         on_epoch=checkpoint_stage("mechanism"))
+    if o.mechanism == "masked":  # trains against its own discriminator; the labeller only reads inputs
+        mech, mech_metrics = train_masked_editor(train, graph, epochs=o.epochs, device=device, seed=o.seed + 1,
+                                                 **mech_progress, **o.mechanism_options)
+    else:
+        mech, mech_metrics = train_image_mechanism(train, graph, labeller, epochs=o.epochs, device=device,
+                                                   seed=o.seed + 1, **mech_progress, **o.mechanism_options)
     seconds["mechanism"] = mech_metrics.get("seconds", 0.0)
 
     gains, protect, calibration, critic = None, None, None, None
@@ -412,7 +437,7 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         "n_test": len(test),
         "seed": o.seed,
         "device": str(device),
-        "recipe": {"epochs": o.epochs, "labeller_epochs": o.labeller_epochs, "residual": o.residual,
+        "recipe": {"mechanism": o.mechanism, "epochs": o.epochs, "labeller_epochs": o.labeller_epochs, "residual": o.residual,
                    "calibrate": o.calibrate, "guard": o.guard,
                    **({"critic_epochs": o.critic_epochs, "critic_flip": o.critic_flip} if critic is not None else {}),
                    **o.mechanism_options},

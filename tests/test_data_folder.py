@@ -1,6 +1,5 @@
 """Labelled image folders: both label formats, folder and zip, errors, caching, the CelebA-HQ data."""
 
-import time
 import zipfile
 
 import numpy as np
@@ -151,10 +150,8 @@ def test_real_celebahq(celebahq):
     assert from_txt.shape == (30000, 3) and np.array_equal(from_txt, from_csv)
     frac = from_txt.mean(0)
     assert 0.1 < frac[0] < 0.5 and 0.2 < frac[1] < 0.6 and frac[2] < 0.1  # old, male, gray hair
-    t0 = time.perf_counter()
     ds = ImageFolderDataset(g, celebahq / "images_64.zip", celebahq / "attributes.csv",
                             indices=np.arange(0, 30000, 100))
-    assert time.perf_counter() - t0 < 10
     assert ds.images.shape == (300, 3, 64, 64) and ds.ids[1] == "100.jpg"
     assert np.array_equal(ds.factors, from_txt[::100])
     assert ds.images.std() > 20  # real pictures, not blanks

@@ -337,13 +337,19 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
     # trainable auxiliary network of the loss module (the discriminator)
     aux = getattr(module, "aux", None)
     params = list(model.parameters()) + ([p for p in aux.parameters()] if aux is not None else [])
-    opt = torch.optim.Adam(params, lr=opts["lr"])
+    opt = torch.optim.Adam(params, lr=opts["lr"], betas=(float(opts.get("beta1", 0.9)), 0.999))
     start_epoch, step, history = 0, 0, []
+    # a state saved inside an epoch (every ``save_every`` steps) also holds the generator's state at
+    # the epoch's start (to redraw its order) and how many of its batches were done
+    epoch_rng, skip_batches, part_sums = None, 0, {}
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         history = list(state.get("history", []))
+        if "epoch_rng" in state:
+            epoch_rng, skip_batches = state["epoch_rng"], int(state["batch"])
+            part_sums = {k: torch.tensor(float(v)) for k, v in state.get("sums", {}).items()}
     cuda = device.type == "cuda"
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if cuda else nullcontext
@@ -359,12 +365,34 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
     steps_per_epoch = -(-per_rank // opts["batch_size"])
     total = steps_per_epoch * opts["epochs"]
     t0 = time.perf_counter()
-    seconds0 = float(history[-1]["seconds"]) if history else 0.0
+    seconds0 = float(state["seconds"]) if state is not None and "seconds" in state else (
+        float(history[-1]["seconds"]) if history else 0.0)
     sums: dict[str, torch.Tensor] = {}
+    save_every = int(opts.get("save_every", 0) or 0)
+
+    def snapshot(epoch_done: int) -> dict:
+        saved = {"model": _cpu(model.state_dict()), "config": model.config(),
+                 "optimizer": _cpu(opt.state_dict()), "epoch": epoch_done, "step": step,
+                 "rng": gen.get_state(), "history": copy.deepcopy(history)}
+        if aux is not None:
+            saved["aux"] = _cpu(aux.state_dict())
+        return saved
+
     for epoch in range(start_epoch, opts["epochs"]):
         module.train()
         sums, count = {}, 0
-        idx = _epoch_indices(n, epoch, gen, seed, dataset)
+        if epoch_rng is not None:  # resuming inside this epoch: redraw its order, skip the batches done
+            at_start = epoch_rng
+            resumed_gen = gen.get_state()
+            gen.set_state(at_start)
+            idx = _epoch_indices(n, epoch, gen, seed, dataset)
+            gen.set_state(resumed_gen)
+            count, sums = skip_batches, part_sums
+            idx = idx[skip_batches * opts["batch_size"]:]
+            epoch_rng = None
+        else:
+            at_start = gen.get_state()
+            idx = _epoch_indices(n, epoch, gen, seed, dataset)
         for x, v in _batches(dataset, idx, opts["batch_size"], device):
             with autocast():
                 out = step_fn(wrapped, x, v, gen)
@@ -381,16 +409,17 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
                 sums[k] = sums.get(k, 0.0) + val.detach().float()
             if progress is not None and rank == 0 and (count % LOG_EVERY == 0 or count == steps_per_epoch):
                 progress(step, total, {"epoch": epoch + 1, **{k: float(s) / count for k, s in sums.items()}})
+            if (save_every and on_epoch is not None and rank == 0 and count % save_every == 0
+                    and count < steps_per_epoch):
+                saved = snapshot(epoch)
+                saved.update(epoch_rng=at_start, batch=count, sums={k: float(s) for k, s in sums.items()},
+                             seconds=seconds0 + time.perf_counter() - t0)
+                on_epoch(saved)
         metrics = {k: float(s) / max(count, 1) for k, s in sums.items()}
         metrics.update(epoch=epoch + 1, seconds=seconds0 + time.perf_counter() - t0)
         history.append(metrics)
         if on_epoch is not None and rank == 0:
-            saved = {"model": _cpu(model.state_dict()), "config": model.config(),
-                     "optimizer": _cpu(opt.state_dict()), "epoch": epoch + 1, "step": step,
-                     "rng": gen.get_state(), "history": copy.deepcopy(history)}
-            if aux is not None:
-                saved["aux"] = _cpu(aux.state_dict())
-            on_epoch(saved)
+            on_epoch(snapshot(epoch + 1))
     model.eval()
     final = dict(history[-1]) if history else {}
     final["seconds"] = seconds0 + time.perf_counter() - t0

@@ -1,0 +1,104 @@
+"""The faces bars, measured side by side for one or more face checkpoints in one eval run.
+
+    python benchmarks/bench_faces.py [CHECKPOINT ...] [--n-metrics 3000] [--out runs/bench-faces]
+
+For each checkpoint (default: the shipped one) on the 3,000 held-out CelebA-HQ faces, read by eval's
+independent reader: effectiveness of do(age=old) on young faces and of do(gray_hair=yes) /
+do(eyeglasses=yes) relative to the real rate; KID and FID of those edits and of their unedited inputs
+against real held-out faces with the new value (reader feature space); where the change lies (the
+boxes below); what age edits keep; the gray share of aged young faces per gender against the bounds
+as the reader shows them; the null edit; faces per second through the library. Writes ``grid.png``
+under ``--out`` (held-out faces x {input, age, gray hair, glasses, smile}; CelebA pictures: never
+commit them) and ``bars.json``. Figures, not asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cfedit import metrics as M
+from cfedit.evaluate import evaluate, load_models, load_or_train_reader, write_edit_grid
+from cfedit.graph import load_graph, shipped_dir
+
+#: Boxes of the aligned 64x64 CelebA-HQ crop, (x0, y0, x1, y1) half-open, found on the mean held-out
+#: face: the eyes sit on rows 26-33 between columns 18 and 46, the mouth on rows 42-48.
+EYE_BAND = (12, 20, 52, 40)  # the upper-middle band: eyes, brows and where frames sit
+FACE_CENTRE = (20, 24, 44, 52)  # eyes, nose and mouth
+GRID_EDITS = (("age", None), ("gray_hair", "yes"), ("eyeglasses", "yes"), ("smiling", None))
+
+
+def bars(report, model: str) -> dict:
+    mm = next(m for m in report.metrics if m.model == model)
+    var = {v.variable: v for v in mm.variables}
+    out: dict = {}
+    for name, value in (("age", "old"), ("gray_hair", "yes"), ("eyeglasses", "yes")):
+        ve = var[name].by_value[value]
+        out[f"{name}={value}"] = {
+            "effectiveness": ve.effectiveness, "real_rate": ve.real_rate, "ratio": ve.ratio,
+            "kid": ve.kid, "kid_input": ve.kid_input, "fid": ve.fid, "fid_input": ve.fid_input,
+            "n_edits": ve.n_units, "n_reference": ve.n_reference,
+            "eye_band_share": M.change_share(ve.change_map, EYE_BAND),
+            "face_centre_share": M.change_share(ve.change_map, FACE_CENTRE), "mean_change": ve.change}
+    out["age_kept"] = var["age"].kept
+    out["age_kept_ceiling"] = var["age"].kept_ceiling
+    out["null_edit_mae"] = mm.composition["1"]
+    for q in report.queries:
+        r = next((e for e in q.results if e.model == model), None)
+        if r is not None and q.name.startswith("gray_if_old"):
+            out[q.name] = {"value": r.value, "ci": [r.lower, r.upper], "bounds": [q.lower, q.upper],
+                           "as_read": [q.reader_lower, q.reader_upper],
+                           "verdict_reader": r.verdict_reader.label if r.verdict_reader else None}
+    return out
+
+
+def throughput(model, images: np.ndarray, repeats: int = 2) -> float:
+    model.edit(images[:32], {"age": "old"})  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.edit(images, {"age": "old"}, seed=0)
+        best = min(best, time.perf_counter() - t)
+    return len(images) / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoints", nargs="*", default=[str(shipped_dir("checkpoints") / "celeba.safetensors")])
+    ap.add_argument("--n", type=int, default=2000, help="units per query")
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--n-metrics", type=int, default=3000)
+    ap.add_argument("--grid", type=int, default=32, help="held-out faces in grid.png")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/bench-faces")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    g = load_graph("celeba")
+    reader = load_or_train_reader(g)
+    models = load_models(a.checkpoints, g)
+    t = time.perf_counter()
+    report = evaluate(g, models, n=a.n, samples=a.samples, n_metrics=a.n_metrics, reader=reader)
+    print(f"eval of {len(models)} model(s): {time.perf_counter() - t:.0f} s")
+    from cfedit.data import dataset_for_graph
+
+    test = dataset_for_graph(g, "test", None, 0)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"boxes": {"eye_band": EYE_BAND, "face_centre": FACE_CENTRE}, "models": {}}
+    for name, m in models.items():
+        b = bars(report, name)
+        b["faces_per_s_library"] = throughput(m, test.images[:512])
+        result["models"][name] = b
+        write_edit_grid(m, test.images[:a.grid], test.factors[:a.grid], GRID_EDITS, out / f"grid-{name}.png",
+                        scale=3)
+    (out / "bars.json").write_text(json.dumps(result, indent=2, default=float))
+    print(json.dumps(result, indent=2, default=lambda x: round(float(x), 4)))
+
+
+if __name__ == "__main__":
+    main()

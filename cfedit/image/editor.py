@@ -1,0 +1,199 @@
+"""The masked image mechanism: I' = f_I(v', u_I) drawn on the photo itself through an attention mask.
+
+    u_I = (x, v)                      abduction: the photo and its factual factors
+    C, m = G(x, v', v' - v)           a colour layer and a mask in [0, 1] per pixel
+    f_I(v', u_I) = x + m * (C - x)    the photo, changed only where the mask is on
+
+The generator is a small U-Net (full-resolution stem, stride-2 downsampling, residual blocks at the
+base resolution, nearest-neighbour upsampling and 3x3 convolutions, which leave no checkerboard) that
+reads the photo and both factor vectors broadcast as feature maps. The colour layer is expressed
+relative to the photo (``C = sigmoid(logit(x) + delta)``), so graying or a darker skin keeps the
+photo's own texture. Where the counterfactual factors equal the factual ones the edit is the photo
+itself, exactly (the null edit). Training (adversarial, attribute, cycle and mask terms) is in
+``cfedit.image.masked_training``; why this design is in ``docs/faces.md``.
+
+Same inference interface as :class:`cfedit.image.ImageMechanism`: ``abduct``, ``decode``, ``edit``;
+numpy or torch, uint8 or float images in, results following the input's library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cfedit.image.mechanism import (
+    INFER_BATCH,
+    FactorModule,
+    _check_factors,
+    _check_images,
+    down_plan,
+    like_input,
+    one_hot,
+    to_float_images,
+    to_long,
+)
+
+_EPS = 0.01  # photo values are clamped to [_EPS, 1 - _EPS] before the logit of the colour layer
+
+
+def _norm(c: int) -> nn.Module:
+    return nn.InstanceNorm2d(c, affine=True)
+
+
+class _Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), _norm(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, 1, 1), _norm(c))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.body(h)
+
+
+class MaskedEditor(FactorModule):
+    """``forward(x, v, v_new) -> (edited, mask)`` differentiable; ``abduct`` / ``decode`` / ``edit``
+    batched for inference. ``names``/``sizes``: the graph's factors in ``graph.names`` order."""
+
+    KIND, WHAT = "masked", "image mechanism"
+
+    def __init__(self, names: Sequence[str], sizes: Sequence[int], channels: int = 3, size: int = 64,
+                 width: int = 32, blocks: int = 3):
+        super().__init__()
+        if len(names) != len(sizes) or not names:
+            raise ValueError("names and sizes must be non-empty and of equal length")
+        self.names, self.sizes = tuple(str(n) for n in names), tuple(int(s) for s in sizes)
+        self.channels, self.size = int(channels), int(size)
+        self.width, self.blocks = int(width), int(blocks)
+        n, self.base = down_plan(self.size, max_down=3)
+        if n == 0:
+            raise ValueError(f"image size {size} cannot be halved; use an even size such as 28 or 64")
+        k = 2 * sum(self.sizes)  # target one-hot and its difference to the factual one-hot
+        ws = [self.width * 2 ** min(i, 2) for i in range(n + 1)]  # stem, then one width per halving
+        self.stem = nn.Sequential(nn.Conv2d(self.channels + k, ws[0], 3, 1, 1), nn.LeakyReLU(0.2))
+        self.downs = nn.ModuleList(nn.Sequential(nn.Conv2d(ws[i], ws[i + 1], 4, 2, 1), _norm(ws[i + 1]),
+                                                 nn.LeakyReLU(0.2)) for i in range(n))
+        self.merge = nn.Sequential(nn.Conv2d(ws[n] + k, ws[n], 1), nn.ReLU())  # the factors again at the base
+        self.res = nn.Sequential(*[_Residual(ws[n]) for _ in range(self.blocks)])
+        self.ups = nn.ModuleList()
+        c = ws[n]
+        for i in reversed(range(n)):  # upsample to the resolution of skip i, then read that skip
+            self.ups.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                          nn.Conv2d(c + (ws[i + 1] if i + 1 < n else 0), ws[i], 3, 1, 1),
+                                          _norm(ws[i]), nn.ReLU()))
+            c = ws[i]
+        self.head = nn.Conv2d(c + ws[0] + self.channels, self.channels + 1, 3, 1, 1)
+        with torch.no_grad():  # start as the identity: mask about 0.05, colour layer = photo
+            self.head.weight.mul_(0.1)
+            self.head.bias.zero_()
+            self.head.bias[-1] = -3.0
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.KIND, "names": list(self.names), "sizes": list(self.sizes),
+                "channels": self.channels, "size": self.size, "width": self.width, "blocks": self.blocks}
+
+    @property
+    def u_dim(self) -> int:
+        """Size of the abducted u_I: the flattened photo and its factual one-hot factors."""
+        return self.channels * self.size * self.size + sum(self.sizes)
+
+    # -- differentiable parts ----------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(edited photo, mask [n, 1, S, S]) of float photos ``x`` in [0, 1] with factual factors ``v``
+        redrawn with ``v_new`` (value indices [n, k]). Differentiable; no exact null-edit shortcut."""
+        a, b = one_hot(v, self.sizes).to(x.dtype), one_hot(v_new, self.sizes).to(x.dtype)
+        return self._draw(x, torch.cat([b, b - a], 1))
+
+    def _draw(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = x.shape[-1]
+        h = self.stem(torch.cat([x * 2 - 1, cond[:, :, None, None].expand(-1, -1, s, s)], 1))
+        skips = [h]
+        for down in self.downs:
+            h = down(h)
+            skips.append(h)
+        h = self.merge(torch.cat([h, cond[:, :, None, None].expand(-1, -1, *h.shape[-2:])], 1))
+        h = self.res(h)
+        for i, up in enumerate(self.ups):
+            if i:  # the first up reads the base itself; later ones also read their encoder skip
+                h = torch.cat([h, skips[len(self.downs) - i]], 1)
+            h = up(h)
+        out = self.head(torch.cat([h, skips[0], x * 2 - 1], 1))
+        delta, mask_logit = out[:, :self.channels], out[:, self.channels:]
+        xc = x.clamp(_EPS, 1 - _EPS)
+        colour = torch.sigmoid(torch.log(xc) - torch.log1p(-xc) + delta)
+        mask = torch.sigmoid(mask_logit)
+        return x + mask * (colour - x), mask
+
+    # -- batched inference -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def abduct(self, images, factors, batch_size: int = INFER_BATCH):
+        """u_I [n, u_dim]: each photo flattened (float in [0, 1]) followed by its factual one-hot factors."""
+        dev = self.device
+
+        def step(i: int, j: int) -> torch.Tensor:
+            x, v = to_float_images(images[i:j], dev), to_long(factors[i:j], dev)
+            _check_images(x, self.channels, self.size)
+            _check_factors(v, self.sizes)
+            return torch.cat([x.flatten(1), one_hot(v, self.sizes)], 1)
+
+        outs = self._in_batches(len(images), batch_size, step)
+        u = torch.cat(outs) if outs else torch.zeros(0, self.u_dim, device=dev)
+        return like_input(u, images)
+
+    def _split_u(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if u.ndim != 2 or u.shape[1] != self.u_dim:
+            raise ValueError(f"u must be [n, {self.u_dim}] (from abduct), got shape {tuple(u.shape)}")
+        p = self.channels * self.size * self.size
+        return u[:, :p].reshape(-1, self.channels, self.size, self.size), u[:, p:]
+
+    def _decode_batch(self, factors: torch.Tensor, u: torch.Tensor, with_mask: bool = False):
+        x, factual_oh = self._split_u(u)
+        target = one_hot(factors, self.sizes).to(x.dtype)
+        out, mask = self._draw(x, torch.cat([target, target - factual_oh], 1))
+        same = (target == factual_oh).all(1)
+        out = torch.where(same[:, None, None, None], x, out.clamp(0.0, 1.0))  # the null edit is the photo
+        mask = torch.where(same[:, None, None, None], torch.zeros_like(mask), mask)
+        return (out, mask) if with_mask else out
+
+    def _run(self, factors, u, batch_size: int, with_mask: bool):
+        dev = self.device
+
+        def step(i: int, j: int):
+            v = to_long(factors[i:j], dev)
+            z = (u[i:j] if isinstance(u, torch.Tensor)
+                 else torch.from_numpy(np.asarray(u[i:j], dtype=np.float32))).to(dev).float()
+            _check_factors(v, self.sizes)
+            out = self._decode_batch(v, z, with_mask)
+            return torch.cat([out[0], out[1]], 1).float() if with_mask else out.float()
+
+        outs = self._in_batches(len(u), batch_size, step)
+        c = self.channels + (1 if with_mask else 0)
+        out = torch.cat(outs) if outs else torch.zeros(0, c, self.size, self.size, device=dev)
+        return like_input(out, u)
+
+    @torch.inference_mode()
+    def decode(self, factors, u, batch_size: int = INFER_BATCH):
+        """Edited photos float [n, C, S, S] in [0, 1] of target factors [n, k] and u [n, u_dim] (abduct's)."""
+        return self._run(factors, u, batch_size, with_mask=False)
+
+    @torch.inference_mode()
+    def masks(self, images, factual, counterfactual, batch_size: int = INFER_BATCH):
+        """The masks [n, 1, S, S] in [0, 1] the edit of each photo uses (0 for a null edit)."""
+        u = self.abduct(images, factual, batch_size)
+        out = self._run(counterfactual, u, batch_size, with_mask=True)
+        return out[:, self.channels:]
+
+    def edit(self, images, factual, counterfactual, batch_size: int = INFER_BATCH):
+        """Counterfactual photos: decode(counterfactual, abduct(images, factual)); float [0, 1]."""
+        if len(factual) != len(images) or len(counterfactual) != len(images):
+            raise ValueError("images, factual and counterfactual factors must have the same length")
+        return self.decode(counterfactual, self.abduct(images, factual, batch_size), batch_size)
+
+    def sample(self, factors, generator: torch.Generator | None = None, batch_size: int = INFER_BATCH):
+        raise ValueError("a masked editor abducts u_I from a photo; it cannot sample new images")

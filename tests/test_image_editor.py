@@ -1,0 +1,109 @@
+"""The masked editor (cfedit.image.editor) and its adversarial training (cfedit.image.masked_training),
+on the synthetic squares world of test_image.py: a 3x3 or 6x6 square in the red or green channel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cfedit.image import MaskedEditor, mechanism_from_config
+from cfedit.image.masked_training import AttributeDiscriminator, train_masked_editor
+from tests.test_image import Squares
+
+TINY = {"width": 8, "blocks": 1, "d_width": 8, "batch_size": 16}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_editor(seed: int = 0) -> MaskedEditor:
+    torch.manual_seed(seed)
+    return MaskedEditor(["color", "big"], [2, 2], channels=3, size=16, width=8, blocks=1).eval()
+
+
+def test_the_null_edit_is_the_photo_exactly_and_other_edits_change_it():
+    ds = Squares(12)
+    e = tiny_editor()
+    u = e.abduct(ds.images, ds.factors)
+    assert u.shape == (12, e.u_dim) and e.u_dim == 3 * 16 * 16 + 4
+    same = e.decode(ds.factors, u)
+    assert np.array_equal((same * 255).round().astype(np.uint8), ds.images)
+    flipped = ds.factors.copy()
+    flipped[:, 0] = 1 - flipped[:, 0]
+    other = e.decode(flipped, u)
+    assert other.shape == (12, 3, 16, 16) and 0 <= other.min() and other.max() <= 1
+    assert np.abs(other - ds.images / 255.0).mean() > 0  # an untrained editor still draws something
+    masks = e.masks(ds.images, ds.factors, flipped)
+    assert masks.shape == (12, 1, 16, 16) and (masks > 0).all() and (masks < 1).all()
+    assert (e.masks(ds.images, ds.factors, ds.factors) == 0).all()
+
+
+def test_an_edit_changes_the_photo_only_as_much_as_its_mask_allows():
+    ds = Squares(8, seed=3)
+    e = tiny_editor(1)
+    flipped = ds.factors.copy()
+    flipped[:, 1] = 1 - flipped[:, 1]
+    x = ds.images / 255.0
+    out = e.edit(ds.images, ds.factors, flipped)
+    m = e.masks(ds.images, ds.factors, flipped)
+    # edit = x + m (C - x) with C in [0, 1]: |edit - x| <= m * max(x, 1 - x) per pixel
+    assert (np.abs(out - x) <= m * np.maximum(x, 1 - x) + 1e-5).all()
+
+
+def test_the_editor_round_trips_its_config_and_refuses_bad_input():
+    e = tiny_editor()
+    again = mechanism_from_config(e.config())
+    assert isinstance(again, MaskedEditor) and again.config() == e.config()
+    again.load_state_dict(e.state_dict())
+    ds = Squares(4)
+    cf = 1 - ds.factors
+    assert np.array_equal(again.edit(ds.images, ds.factors, cf), e.edit(ds.images, ds.factors, cf))
+    with pytest.raises(ValueError, match="u must be"):
+        e.decode(ds.factors, np.zeros((4, 10), dtype=np.float32))
+    with pytest.raises(ValueError, match="out of range"):
+        e.abduct(ds.images, ds.factors + 5)
+    with pytest.raises(ValueError, match="cannot sample"):
+        e.sample(ds.factors)
+    with pytest.raises(ValueError, match="unknown image mechanism kind"):
+        mechanism_from_config({"kind": "diffusion"})
+
+
+def test_the_discriminator_reads_realism_per_patch_and_every_factor():
+    d = AttributeDiscriminator(3, 64, [2, 3, 2], width=8)
+    adv, cls = d(torch.rand(5, 3, 64, 64))
+    assert adv.shape == (5, 16) and [c.shape for c in cls] == [(5, 2), (5, 3), (5, 2)]
+
+
+def test_training_resumes_exactly_from_inside_an_epoch():
+    ds = Squares(96, seed=5)
+    full, m_full = train_masked_editor(ds, ds.graph, epochs=2, seed=3, **TINY)
+    saved = []
+
+    class Stop(Exception):
+        pass
+
+    def on_epoch(state):
+        saved.append(state)
+        if state.get("batch") == 4 and state["epoch"] == 1:  # inside the second epoch, after 4 batches
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_masked_editor(ds, ds.graph, epochs=2, seed=3, on_epoch=on_epoch, save_every=2, **TINY)
+    assert saved[-1]["epoch"] == 1 and saved[-1]["batch"] == 4
+    resumed, m_res = train_masked_editor(ds, ds.graph, epochs=2, seed=3, state=saved[-1], save_every=2, **TINY)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert m_res["steps"] == m_full["steps"] == 12
+    assert m_res["cycle"] == pytest.approx(m_full["cycle"], rel=1e-6)
+
+
+def test_unknown_training_options_are_refused():
+    ds = Squares(16)
+    with pytest.raises(TypeError, match="unknown training option"):
+        train_masked_editor(ds, ds.graph, epochs=1, latent=4)
