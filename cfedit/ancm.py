@@ -19,14 +19,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cfedit.calibration import calibrate_edits, gain_columns, gained_change, guard_kept, protect_columns
-from cfedit.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
+from cfedit.checkpoint import Checkpoint, CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from cfedit.features import FeatureModel, load_feature_model, make_feature_model
 from cfedit.graph import CausalGraph
 from cfedit.query import Query, Term
 
-# Stages of `fit`, in order, for progress reporting and resume.
-STAGES = ("features", "labeller", "mechanism", "critic", "calibration", "summary")
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
 
 
@@ -52,13 +49,6 @@ class ANCM:
     # the input itself, so the null edit returns the input exactly and detail the decoder cannot draw
     # (faces) survives. Off by default: a plain reconstruction is sharp enough for Colored MNIST.
     residual: bool = False
-    # Per factor and value, how strongly that factor's part of the change is drawn, and which kept
-    # factors it may not move (cfedit.calibration); None: every gain 1, nothing protected.
-    gains: dict | None = None
-    protect: dict | None = None
-    # The critic (a Labeller trained apart from the mechanism) that guards kept factors per image at
-    # edit time (cfedit.calibration.guard_kept); None: no guard.
-    critic: Any = None
     _cache: dict = field(default_factory=dict, repr=False)  # extreme models and bounds, per query
 
     # -- persistence --------------------------------------------------------------------------
@@ -70,11 +60,7 @@ class ANCM:
         tensors.update({f"mechanism.{k}": v for k, v in self.mechanism.state_dict().items()})
         tensors.update({f"labeller.{k}": v for k, v in self.labeller.state_dict().items()})
         config = {"features": fconf, "mechanism": self.mechanism.config(), "labeller": self.labeller.config(),
-                  "edit": {"residual": self.residual, **({"gains": self.gains} if self.gains else {}),
-                           **({"protect": self.protect} if self.protect else {})}}
-        if self.critic is not None:
-            tensors.update({f"critic.{k}": v for k, v in self.critic.state_dict().items()})
-            config["critic"] = self.critic.config()
+                  "edit": {"residual": self.residual}}
         return save_checkpoint(path, tensors, self.graph, config, extra=self.info)
 
     @classmethod
@@ -96,16 +82,12 @@ class ANCM:
         lab = Labeller.from_config(ck.config["labeller"])
         lab.load_state_dict(ck.section("labeller"))
         edit = ck.config.get("edit", {})
-        gains, protect = edit.get("gains"), edit.get("protect")
-        gain_columns(g, gains)  # a malformed table fails here, on load
-        protect_columns(g, protect)
-        critic = None
-        if "critic" in ck.config:
-            critic = Labeller.from_config(ck.config["critic"])
-            critic.load_state_dict(ck.section("critic"))
-            critic = critic.to(device).eval()
+        if "gains" in edit or "protect" in edit or "critic" in ck.config:
+            raise CheckpointError(f"{ck.path}: this checkpoint edits through a calibrated, guarded decoder "
+                                  "(gains, protected factors, a critic), which cfedit no longer has; refit it "
+                                  "with cfedit fit")
         return cls(g, feats, mech.to(device).eval(), lab.to(device).eval(), ck.tensors["pv"].numpy(), ck.extra,
-                   bool(edit.get("residual", False)), gains, protect, critic)
+                   bool(edit.get("residual", False)))
 
     # -- editing ------------------------------------------------------------------------------
 
@@ -181,12 +163,9 @@ class ANCM:
 
         Abduction u = abduct(image, factual); the result is decode(counterfactual, u), or with
         ``residual`` (default: the model's setting) image + decode(counterfactual, u) - decode(factual, u),
-        whose null edit (counterfactual = factual) is the image itself. The model's edit calibration, if
-        any, scales each factor's part of the change and protects kept factors (:mod:`cfedit.calibration`).
+        whose null edit (counterfactual = factual) is the image itself.
         """
-        return redraw(self.mechanism, images, factual, counterfactual,
-                      self.residual if residual is None else residual, gain_columns(self.graph, self.gains),
-                      protect_columns(self.graph, self.protect), self.critic)
+        return redraw(self.mechanism, images, factual, counterfactual, self.residual if residual is None else residual)
 
     def descendant_bounds(self, factual_row: np.ndarray, do: Mapping[str, int], cf_row: np.ndarray) -> dict:
         """For each descendant Y of the intervention: the optimal bounds of P(Y_{do} = y′ | factual),
@@ -214,12 +193,8 @@ class ANCM:
 
 
 def redraw(mechanism, images: np.ndarray, factual: np.ndarray, counterfactual: np.ndarray,
-           residual: bool = False, gains: list[np.ndarray] | None = None, protect: list | None = None,
-           guard=None) -> np.ndarray:
-    """:meth:`ANCM.transform` for a bare image mechanism (also used before the ANCM exists); ``gains`` and
-    ``protect``: the edit calibration as :func:`cfedit.calibration.gain_columns` and
-    :func:`~cfedit.calibration.protect_columns` give it (None: the plain edit); ``guard``: the critic
-    that guards kept factors per image (:func:`cfedit.calibration.guard_kept`; None: no guard)."""
+           residual: bool = False) -> np.ndarray:
+    """:meth:`ANCM.transform` for a bare image mechanism (also used before the ANCM exists)."""
     from cfedit.imageio import to_uint8
 
     images = np.asarray(images)
@@ -233,19 +208,11 @@ def redraw(mechanism, images: np.ndarray, factual: np.ndarray, counterfactual: n
     k = len(counterfactual) // n
     u = np.asarray(mechanism.abduct(images, factual))
     unit = np.repeat(np.arange(n), k)  # counterfactual row -> its image
-    if gains is not None or protect is not None:
-        start = np.asarray(mechanism.decode(factual, u), dtype=np.float32)
-        base = images.astype(np.float32)[unit] / 255.0 if residual else start[unit]
-        change = gained_change(mechanism, u, factual, counterfactual, gains, start=start, protect=protect, unit=unit)
-        out = np.clip(base + change, 0.0, 1.0)
-    else:  # the plain edit: one decode, not the factor-by-factor sum
-        out = np.asarray(mechanism.decode(counterfactual, u[unit]))
-        if residual:
-            rec = np.asarray(mechanism.decode(factual, u))
-            x = images.astype(np.float32) / 255.0
-            out = np.clip((x - rec)[unit] + out, 0.0, 1.0)
-    if guard is not None:
-        out = guard_kept(mechanism, guard, images, out, u, factual, counterfactual, unit)
+    out = np.asarray(mechanism.decode(counterfactual, u[unit]))
+    if residual:
+        rec = np.asarray(mechanism.decode(factual, u))
+        x = images.astype(np.float32) / 255.0
+        out = np.clip((x - rec)[unit] + out, 0.0, 1.0)
     return to_uint8(out)
 
 
@@ -267,16 +234,11 @@ class FitOptions:
     mnist_root: str | None = None
     mechanism_options: dict = field(default_factory=dict)
     residual: bool | None = None  # edits apply the decoded change to the input (see ANCM.residual)
-    calibrate: bool | None = None  # calibrate edit gains and protection against a critic (cfedit.calibration)
-    guard: bool | None = None  # ship the critic to guard kept factors per image (cfedit.calibration.guard_kept)
-    critic_epochs: int | None = None  # the critic's epochs (default: the labeller's)
-    critic_flip: bool | None = None  # the critic trains on left-right mirrored images too (faces)
     mechanism: str | None = None  # the image mechanism: "cvae" (default) or "masked" (cfedit.image.editor)
 
 
 #: Keys of a graph file's ``fit:`` recipe that are not image-mechanism options.
-RECIPE_KEYS = ("epochs", "labeller_epochs", "residual", "calibrate", "guard", "critic_epochs", "critic_flip",
-               "mechanism")
+RECIPE_KEYS = ("epochs", "labeller_epochs", "residual", "mechanism")
 #: The image mechanisms ``fit`` can train, by the name a recipe or ``--mechanism`` gives.
 MECHANISMS = ("cvae", "masked")
 
@@ -312,14 +274,9 @@ def resolve_options(graph: CausalGraph, options: FitOptions | None = None) -> Fi
     mech = {k: v for k, v in recipe.items() if k not in RECIPE_KEYS}
     mech.update(o.mechanism_options)
     residual = o.residual if o.residual is not None else bool(recipe.get("residual", False))
-    calibrate = o.calibrate if o.calibrate is not None else bool(recipe.get("calibrate", False))
-    guard = o.guard if o.guard is not None else bool(recipe.get("guard", False))
     labeller_epochs = o.labeller_epochs if o.labeller_epochs is not None else recipe.get("labeller_epochs")
-    critic_epochs = o.critic_epochs if o.critic_epochs is not None else recipe.get("critic_epochs", labeller_epochs)
-    critic_flip = o.critic_flip if o.critic_flip is not None else bool(recipe.get("critic_flip", False))
-    return replace(o, mechanism=kind, epochs=o.epochs if o.epochs is not None else recipe.get("epochs"), calibrate=calibrate,
-                   guard=guard, labeller_epochs=labeller_epochs, critic_epochs=critic_epochs,
-                   critic_flip=critic_flip, residual=residual, mechanism_options=mech)
+    return replace(o, mechanism=kind, epochs=o.epochs if o.epochs is not None else recipe.get("epochs"),
+                   labeller_epochs=labeller_epochs, residual=residual, mechanism_options=mech)
 
 
 def partial_path(out: str | Path) -> Path:
@@ -402,23 +359,6 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
                                                    seed=o.seed + 1, **mech_progress, **o.mechanism_options)
     seconds["mechanism"] = mech_metrics.get("seconds", 0.0)
 
-    gains, protect, calibration, critic = None, None, None, None
-    if o.calibrate or o.guard:
-        # the critic: the labeller's recipe with another seed; it only ever reads, never trains, the
-        # mechanism. Trained on every rank under torchrun (as the labeller is); calibrated on rank 0.
-        critic, critic_metrics = train_labeller(
-            train, graph, epochs=o.critic_epochs, device=device, seed=o.seed + 2,
-            progress=lambda s, n, m: report("critic", s, n, m), state=state.get("critic"),
-            on_epoch=checkpoint_stage("critic"), **({"flip": True} if o.critic_flip else {}))
-        seconds["critic"] = critic_metrics.get("seconds", 0.0)
-    if o.calibrate and _rank() == 0:
-        t = time.perf_counter()
-        report("calibration", 0, 1, {})
-        gains, protect, calibration = calibrate_edits(mech.to("cpu").eval(), critic.to("cpu").eval(), train,
-                                                      graph, o.residual, seed=o.seed)
-        seconds["calibration"] = time.perf_counter() - t
-        report("calibration", 1, 1, {})
-
     if _rank() != 0:  # under torchrun only rank 0 measures and writes; the others are done
         return ANCM(graph, features, mech.eval(), labeller.eval(), pv, {}), {}
     report("summary", 0, 1, {})
@@ -428,8 +368,6 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         "features": o.features,
         "tv_pv": float(0.5 * np.abs(features.joint() - pv).sum()),
         **{f"labeller_acc_{k}": v for k, v in labeller_accuracy(labeller, test, graph).items()},
-        **({f"critic_acc_{k}": v for k, v in labeller_accuracy(critic.to("cpu"), test, graph).items()}
-           if critic is not None else {}),
         "null_edit_mae": null_edit_error(mech, test, residual=o.residual),
         "reconstruction_mae": null_edit_error(mech, test),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
@@ -438,14 +376,9 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         "seed": o.seed,
         "device": str(device),
         "recipe": {"mechanism": o.mechanism, "epochs": o.epochs, "labeller_epochs": o.labeller_epochs, "residual": o.residual,
-                   "calibrate": o.calibrate, "guard": o.guard,
-                   **({"critic_epochs": o.critic_epochs, "critic_flip": o.critic_flip} if critic is not None else {}),
                    **o.mechanism_options},
     }
-    if calibration is not None:
-        summary.update(gains=gains, protect=protect, calibration=calibration)
-    model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary, residual=o.residual, gains=gains,
-                 protect=protect or None, critic=critic.to("cpu").eval() if o.guard else None)
+    model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary, residual=o.residual)
     model.save(out)
     partial_path(out).unlink(missing_ok=True)
     report("summary", 1, 1, {})

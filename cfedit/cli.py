@@ -289,8 +289,6 @@ def fit(
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from <out>.partial."),
     residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Edits apply the decoded change to the input (deep-SCM residual abduction): the null edit returns the input exactly. Default: the graph file's fit recipe, else off."),
-    calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", help="Calibrate per-factor edit gains and protected factors against a critic classifier trained with another seed (see cfedit.calibration). Default: the graph file's fit recipe, else off."),
-    guard: Optional[bool] = typer.Option(None, "--guard/--no-guard", help="Ship the critic with the model: at edit time it checks, per image, that the factors an edit keeps still read the same, and steps back along the decoder's own direction where not (see cfedit.calibration.guard_kept). Default: the graph file's fit recipe, else off."),
     mechanism: Optional[str] = typer.Option(None, "--mechanism", help="Image mechanism: cvae (a conditional VAE) or masked (edits drawn on the photo through an attention mask; faces). Default: the graph file's fit recipe, else cvae."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint."),
 ) -> None:
@@ -310,7 +308,7 @@ def fit(
     if resume and not partial_path(target).exists():
         err_console.print(f"note: no {partial_path(target)} to resume from; starting afresh", markup=False)
     opts = FitOptions(features=features, epochs=epochs, labeller_epochs=labeller_epochs, n_train=n,
-                      device=resolve_device(device), seed=seed, data=data, residual=residual, calibrate=calibrate, guard=guard,
+                      device=resolve_device(device), seed=seed, data=data, residual=residual,
                       mnist_root=str(mnist_root) if mnist_root else None, mechanism=mechanism)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
@@ -339,8 +337,6 @@ def fit(
 
     t = Table(title="fit summary", header_style="bold", show_header=False)
     for k, v in summary.items():
-        if k == "calibration":  # per factor and value, the critic's ratio at each gain tried: in the checkpoint's info
-            continue
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(t)
 

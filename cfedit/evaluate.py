@@ -153,11 +153,10 @@ class Reader:
         return torch.cat(captured).numpy().astype(np.float64)
 
     def check_independent(self, model, name: str = "model") -> None:
-        """Refuse to measure a model with its own labeller or critic (the same object or the same weights)."""
-        for part in ("labeller", "critic"):
-            lab = getattr(model, part, None)
-            if lab is not None:
-                self._check_not(lab, f"{name}'s own {part}")
+        """Refuse to measure a model with its own labeller (the same object or the same weights)."""
+        lab = getattr(model, "labeller", None)
+        if lab is not None:
+            self._check_not(lab, f"{name}'s own labeller")
 
     def _check_not(self, lab, what: str) -> None:
         if lab is self.classifier:
@@ -304,8 +303,7 @@ def with_features(model, family: str, seed: int = 0, fitted=None):
 
     feats = fitted if fitted is not None else make_feature_model(family, model.graph).fit(model.pv, seed=seed)
     info = {**dict(model.info or {}), "features": feats.family, "derived_from": model.info.get("features")}
-    return ANCM(model.graph, feats, model.mechanism, model.labeller, model.pv, info, residual=model.residual,
-                gains=model.gains, protect=model.protect, critic=model.critic)
+    return ANCM(model.graph, feats, model.mechanism, model.labeller, model.pv, info, residual=model.residual)
 
 
 def load_models(checkpoints: Sequence[str | Path], graph: CausalGraph | None = None,
@@ -773,7 +771,7 @@ def _kept_ceiling(read_pool: np.ndarray, labels: np.ndarray, j: int, z: int, fac
     factor z on real images labelled (x_j = old, z = g) and on those labelled (x_j = new, z = g): an edit
     whose results are read like real images with the new value keeps z no more often, since two readings
     with those distributions disagree at least that often (an edit held to its input's reading, as a
-    guarded one is, can exceed it). None when no unit has real images on both sides."""
+    held to its input's reading can exceed it). None when no unit has real images on both sides."""
     total, weight = 0.0, 0
     strata, counts = np.unique(np.stack([factual[:, j], new, factual[:, z]], 1), axis=0, return_counts=True)
     for (old, to, g), count in zip(strata, counts):

@@ -168,39 +168,11 @@ def test_residual_fit_trains_and_reports_the_residual_null_edit(tmp_path, mnist_
     assert twice.shape == (32, *ds.images.shape[1:]) and (twice[0::2] == twice[1::2]).all()
 
 
-def test_calibrated_fit_trains_a_critic_and_keeps_its_calibration(tmp_path, mnist_root):
-    from cfedit.calibration import GAIN_GRID
+def test_a_checkpoint_of_the_calibrated_guarded_editor_is_refused(tiny, tmp_path):
+    from cfedit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
-    g = load_graph("backdoor")
-    out = tmp_path / "cal.safetensors"
-    model, summary = fit_ancm(g, out, FitOptions(mnist_root=str(mnist_root), residual=True, calibrate=True, **TINY))
-    assert summary["recipe"]["calibrate"] is True and {"critic", "calibration"} <= set(summary["seconds"])
-    assert set(summary["gains"]) == set(g.names)
-    assert all(x in GAIN_GRID for gs in summary["gains"].values() for x in gs)
-    red = summary["calibration"]["color=red"]
-    assert 0 < red["real_rate"] <= 1 and red["gain"] in GAIN_GRID and set(red["kept"]) == {"digit", "bar"}
-    back = ANCM.load(out)
-    assert back.gains == model.gains == summary["gains"] and back.protect == model.protect
-    ds = BarMNIST("backdoor", "test", n=16, seed=6, root=mnist_root)
-    cf = ds.factors.copy()
-    cf[:, 1] = 1 - cf[:, 1]
-    assert np.array_equal(back.transform(ds.images, ds.factors, cf), model.transform(ds.images, ds.factors, cf))
-    assert np.abs(back.transform(ds.images, ds.factors, ds.factors).astype(int) - ds.images).max() <= 1
-
-
-def test_guarded_fit_ships_its_critic(tmp_path, mnist_root):
-    g = load_graph("backdoor")
-    out = tmp_path / "guard.safetensors"
-    model, summary = fit_ancm(g, out, FitOptions(mnist_root=str(mnist_root), residual=True, guard=True,
-                                                 critic_epochs=2, **TINY))
-    # the guard alone trains the critic (2 epochs, its own count) and ships it; nothing is calibrated
-    assert summary["recipe"]["guard"] is True and summary["recipe"]["critic_epochs"] == 2
-    assert model.gains is None and "calibration" not in summary and "critic" in summary["seconds"]
-    assert set(summary) >= {f"critic_acc_{k}" for k in g.names}
-    back = ANCM.load(out)
-    assert back.critic is not None and back.critic.config() == model.critic.config()
-    ds = BarMNIST("backdoor", "test", n=16, seed=6, root=mnist_root)
-    cf = ds.factors.copy()
-    cf[:, 2] = 1 - cf[:, 2]
-    assert np.array_equal(back.transform(ds.images, ds.factors, cf), model.transform(ds.images, ds.factors, cf))
-    assert np.abs(back.transform(ds.images, ds.factors, ds.factors).astype(int) - ds.images).max() <= 1
+    ck = load_checkpoint(tiny[0])
+    config = dict(ck.config, edit={"residual": True, "gains": {"color": [1.0, 2.0]}})
+    save_checkpoint(tmp_path / "old.safetensors", ck.tensors, ck.graph, config, extra=ck.extra)
+    with pytest.raises(CheckpointError, match="calibrated, guarded decoder"):
+        ANCM.load(tmp_path / "old.safetensors")
