@@ -15,7 +15,7 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,10 +77,8 @@ class ANCM:
         g = ck.graph
         feats = load_feature_model(g, ck.config["features"],
                                    {k: v.numpy() for k, v in ck.section("features").items()})
-        mech = mechanism_from_config(ck.config["mechanism"])
-        mech.load_state_dict(ck.section("mechanism"))
-        lab = Labeller.from_config(ck.config["labeller"])
-        lab.load_state_dict(ck.section("labeller"))
+        mech = ck.module("mechanism", mechanism_from_config)
+        lab = ck.module("labeller", Labeller.from_config)
         edit = ck.config.get("edit", {})
         if "gains" in edit or "protect" in edit or "critic" in ck.config:
             raise CheckpointError(f"{ck.path}: this checkpoint edits through a calibrated, guarded decoder "
@@ -128,30 +126,42 @@ class ANCM:
         return self.unit_query(factual_row, do, desc[0], self.graph[desc[0]].values[-1])
 
     def counterfactual_factors(self, factual: np.ndarray, do: Mapping[str, str | int], n_samples: int = 1,
-                               seed: int = 0, bound: str | None = None) -> np.ndarray:
+                               seed: int = 0, bound: str | None = None,
+                               unit_keys: Sequence[int] | None = None) -> np.ndarray:
+        """Counterfactual factors [n, n_samples, k] of factual factors [n, k] under do(); with
+        ``unit_keys`` row i draws from its own stream keyed by (seed, unit_keys[i]) (see
+        :func:`cfedit.features.unit_uniforms`), also at a ``bound``."""
         do_idx = self.graph.value_indices(do)
         factual = np.asarray(factual, dtype=np.int64)
         if bound is None:
-            return self.features.counterfactual(factual, do_idx, n_samples=n_samples, seed=seed)
+            return self.features.counterfactual(factual, do_idx, n_samples=n_samples, seed=seed, unit_keys=unit_keys)
         out = np.empty((len(factual), n_samples, factual.shape[1]), dtype=np.int64)
         rows, inverse = np.unique(factual, axis=0, return_inverse=True)
         for r, row in enumerate(rows):
             idx = np.flatnonzero(inverse.ravel() == r)
             model = self.feature_model_for(row, do_idx, bound)
-            out[idx] = model.counterfactual(factual[idx], do_idx, n_samples=n_samples, seed=seed + r)
+            if unit_keys is None:
+                out[idx] = model.counterfactual(factual[idx], do_idx, n_samples=n_samples, seed=seed + r)
+            else:
+                out[idx] = model.counterfactual(factual[idx], do_idx, n_samples=n_samples, seed=seed,
+                                                unit_keys=[unit_keys[i] for i in idx])
         return out
 
     def edit(self, images: np.ndarray, do: Mapping[str, str | int], given: Mapping[str, str | int] | None = None,
              factual: np.ndarray | None = None, n_samples: int = 1, seed: int = 0,
-             bound: str | None = None, residual: bool | None = None) -> EditResult:
+             bound: str | None = None, residual: bool | None = None,
+             unit_keys: Sequence[int] | None = None) -> EditResult:
         """Counterfactual images of uint8 images [n, C, S, S] under do(); K = n_samples per image.
 
         ``residual`` (default: the model's setting) applies the decoded change to the input instead of
-        returning the decoded counterfactual.
+        returning the decoded counterfactual. ``unit_keys`` (one non-negative int per image) gives each
+        image its own random stream, so its draws depend on the seed and its key only, not on the
+        other images of the call (the image side draws nothing: abduction and decoding are
+        deterministic given the factors).
         """
         images = np.asarray(images)
         v = self.read_factors(images, given) if factual is None else np.asarray(factual, dtype=np.int64)
-        cf = self.counterfactual_factors(v, do, n_samples=n_samples, seed=seed, bound=bound)
+        cf = self.counterfactual_factors(v, do, n_samples=n_samples, seed=seed, bound=bound, unit_keys=unit_keys)
         n, k = len(images), n_samples
         imgs = self.transform(images, v, cf.reshape(n * k, -1), residual=residual).reshape(n, k, *images.shape[1:])
         return EditResult(v, cf, imgs, self.graph.value_indices(do))
@@ -174,13 +184,15 @@ class ANCM:
 
         g = self.graph
         out = {}
+        cell = tuple(int(x) for x in factual_row), tuple(sorted((k, int(v)) for k, v in do.items()))
         for y in g.descendants(list(do)):
             if y in do:
                 continue
             value = g[y].values[int(cf_row[g.axis(y)])]
-            q = self.unit_query(factual_row, do, y, value)
-            key = ("bounds", str(q))
+            # keyed by the factual cell first: a folder of edits asks the same few questions many times
+            key = ("bounds", cell, y, value)
             if key not in self._cache:
+                q = self.unit_query(factual_row, do, y, value)
                 try:
                     b = compute_bounds(g, self.pv, q)
                     self._cache[key] = {"value": value, "lower": round(b.lower, 6), "upper": round(b.upper, 6),
@@ -292,13 +304,12 @@ def _save_partial(out: Path, state: dict) -> None:
 
 
 def _load_partial(out: Path) -> dict | None:
-    import torch
+    from cfedit.checkpoint import load_state_file
 
     p = partial_path(out)
     if not p.exists():
         return None
-    # weights_only: tensors and plain containers only; a partial file can never run code.
-    return torch.load(p, map_location="cpu", weights_only=True)
+    return load_state_file(p)  # tensors and plain containers only; a partial file can never run code
 
 
 def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = None, resume: bool = False,

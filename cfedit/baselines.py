@@ -13,10 +13,11 @@ All implement :class:`cfedit.features.FeatureModel`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cfedit.features import categorical, check_unit_keys, unit_uniforms
 from cfedit.graph import CausalGraph
 from cfedit.query import Query, QueryError
 from cfedit.scm import all_assignments
@@ -89,14 +90,21 @@ class _TableModel:
         return p
 
     def counterfactual(self, factual: np.ndarray, do: Mapping[str, int | str], n_samples: int = 1,
-                       seed: int = 0) -> np.ndarray:
+                       seed: int = 0, unit_keys: Sequence[int] | None = None) -> np.ndarray:
+        """[n, n_samples, k]; with ``unit_keys`` each row draws from its own stream
+        (:func:`cfedit.features.unit_uniforms`)."""
         factual = np.asarray(factual, dtype=np.int64)
+        check_unit_keys(unit_keys, len(factual))
         rng = np.random.default_rng(seed)
+        per_unit = None if unit_keys is None else unit_uniforms(seed, unit_keys, (n_samples,))
         assign = self.assignments
         out = np.empty((len(factual), n_samples, factual.shape[1]), dtype=np.int64)
         for i, v in enumerate(factual):
             probs = self._world_probs(v, do)
-            idx = rng.choice(len(assign), size=n_samples, p=probs / probs.sum())
+            if per_unit is None:
+                idx = rng.choice(len(assign), size=n_samples, p=probs / probs.sum())
+            else:
+                idx = categorical(probs, per_unit[i])
             out[i] = assign[idx]
         return out
 

@@ -33,7 +33,7 @@ Non-descendants of the intervened factors keep their factual values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -49,7 +49,7 @@ from cfedit.bounds import (
     parent_index,
     solve_bounds,
 )
-from cfedit.features import as_pv
+from cfedit.features import as_pv, categorical, check_unit_keys, unit_uniforms
 from cfedit.graph import CausalGraph
 from cfedit.query import Query, parse_query
 
@@ -321,9 +321,12 @@ class CanonicalModel:
         return np.array(outcomes, dtype=np.int64).reshape(len(w), len(order)), w / w.sum()
 
     def counterfactual(self, factual: np.ndarray, do: Mapping[str, int | str], n_samples: int = 1,
-                       seed: int = 0) -> np.ndarray:
-        """Abduct (exact posterior over response types), act do(X=x), predict: [n, n_samples, k]."""
+                       seed: int = 0, unit_keys: Sequence[int] | None = None) -> np.ndarray:
+        """Abduct (exact posterior over response types), act do(X=x), predict: [n, n_samples, k].
+
+        With ``unit_keys`` each row draws from its own stream (:func:`cfedit.features.unit_uniforms`)."""
         self._require_fit()
+        check_unit_keys(unit_keys, len(factual))
         g = self.graph
         fact = np.asarray(factual)
         if fact.ndim != 2 or fact.shape[1] != len(g.names):
@@ -341,12 +344,16 @@ class CanonicalModel:
             return out
         cols = [g.axis(v) for v in order]
         rng = np.random.default_rng(seed)
+        per_unit = None if unit_keys is None else unit_uniforms(seed, unit_keys, (n_samples,))
         uniq, inverse = np.unique(fact, axis=0, return_inverse=True)
         inverse = inverse.ravel()
         for u, row in enumerate(uniq):
             units = np.flatnonzero(inverse == u)
             outcomes, p = self._outcomes(tuple(int(x) for x in row), do_idx, order)
-            draw = rng.choice(len(p), size=(len(units), n_samples), p=p)
+            if per_unit is None:
+                draw = rng.choice(len(p), size=(len(units), n_samples), p=p)
+            else:
+                draw = categorical(p, per_unit[units])
             out[np.ix_(units, np.arange(n_samples), cols)] = outcomes[draw]
         return out
 

@@ -1,23 +1,48 @@
 """The command line: a thin Typer shell over the library. Parses, calls, prints.
 
-Every error a user can cause is printed as one line ``cfedit: error: <what and where>`` on stderr
-with exit status 2; a run that fails for other reasons exits 1. Set CFEDIT_DEBUG=1 for tracebacks.
+Every error a user can cause (a :class:`cfedit.errors.CfeditError`, a usage error, a path the user
+can fix) is printed as one line ``cfedit: error: <what and where>`` on stderr with exit status 2;
+anything else is a bug in cfedit: exit status 1, one line, and a request to report it. Set
+CFEDIT_DEBUG=1 for tracebacks.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, NoReturn, Optional
 
 import typer
+import typer.core
 from rich.console import Console
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's own copy of click
+
+from cfedit.errors import CfeditError, UsageFailure  # UsageFailure re-exported: ``from cfedit.cli import UsageFailure``
+
+
+class OneLineUsage(typer.core.TyperGroup):
+    """Usage errors (a bad option value, a missing argument, an unknown command) as one line in the
+    project's format with exit status 2, instead of Typer's framed box."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as e:
+            usage_error(e)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            usage_error(e)
+
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=OneLineUsage, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Causal counterfactual image editing with optimal bounds (the ANCM method).",
 )
 graph_app = typer.Typer(no_args_is_help=True, help="Inspect causal graph files.")
@@ -29,49 +54,60 @@ app.add_typer(data_app, name="data")
 out = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
-
-class UsageFailure(Exception):
-    """A bad input found by the CLI itself (exit 2)."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from cfedit.graph import GraphError
-    from cfedit.query import QueryError
-
-    types: list[type[BaseException]] = [GraphError, QueryError, UsageFailure]
-    for mod, name in (("cfedit.bounds", "BoundsError"), ("cfedit.checkpoint", "CheckpointError"),
-                      ("cfedit.data", "DataError"), ("cfedit.ncm", "NCMError"),
-                      ("cfedit.imageio", "ImageReadError")):
-        if mod in sys.modules and hasattr(sys.modules[mod], name):
-            types.append(getattr(sys.modules[mod], name))
-    return tuple(types)
+#: errno values of an OSError that the user can fix (a path, a permission, a full disk): exit 2.
+USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EROFS,
+               errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG, errno.ENXIO}
 
 
-def fail(message: str, code: int = 2) -> None:
-    one_line = " ".join(str(message).split())  # a user never sees a multi-line dump
-    err_console.print(f"cfedit: error: {one_line}", markup=False, highlight=False, soft_wrap=True)
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``cfedit: error: <message>`` as one line on stderr and exit with ``code``."""
+    one_line = " ".join(str(message).split())  # a user never sees a multi-line dump ...
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in one_line)  # ... nor a file's terminal escapes
+    err_console.print(f"cfedit: error: {shown}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
+def usage_error(e: UsageError) -> NoReturn:
+    """A usage error as one line naming the option, with where to read the command's help."""
+    if isinstance(e, NoArgsIsHelpError):
+        raise e  # a command given nothing shows its help
+    words = e.ctx.command_path.split()[1:] if e.ctx is not None else []
+    fail(f"{e.format_message().rstrip('.')} (see: {' '.join(['cfedit', *words, '--help'])})", 2)
+
+
+def _os_error_line(e: OSError) -> str:
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+    return f"{where}: {e.strerror or e}" if where is not None else str(e.strerror or e)
+
+
+def _bug_line(e: BaseException) -> str:
+    """The exception's name and first sentence (some run for a page, or advise what cfedit must not do)."""
+    text = str(e).strip()
+    first = text.splitlines()[0].split(". ")[0][:200] if text else ""
+    return (f"{type(e).__name__}{': ' + first if first else ''} (a bug in cfedit; please report it, with the "
+            f"traceback that CFEDIT_DEBUG=1 shows)")
+
+
 def handles_errors(fn: Callable) -> Callable:
-    """Turn library errors into one-line messages and exit codes (2: bad input, 1: failed run)."""
+    """The one place where errors become exit codes: a CfeditError and an OSError the user can fix
+    exit 2 with their one-line message; anything else is a bug, exit 1 (see the module docstring)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
+        except (typer.Exit, typer.Abort, ClickException):
+            raise  # exit codes, and usage errors (formatted by OneLineUsage)
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as e:  # noqa: BLE001 - the boundary between library and user
             if os.environ.get("CFEDIT_DEBUG"):
                 raise
-            if isinstance(e, _user_error_types()):
+            if isinstance(e, CfeditError):
                 fail(str(e), 2)
-            if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
-                fail(f"{e.filename}: {e.strerror}", 2)
-            fail(f"{type(e).__name__}: {e}", 1)
+            if isinstance(e, OSError):
+                fail(_os_error_line(e), 2 if e.errno in USER_ERRNOS else 1)
+            fail(_bug_line(e), 1)
 
     return wrapper
 
@@ -110,9 +146,10 @@ def graph_show(
         return
     if format != "text":
         raise UsageFailure(f"--format: unknown format {format!r} (text, mermaid, dot, json)")
+    from rich.markup import escape
     from rich.table import Table
 
-    out.print(f"[bold]{g.name}[/bold]  {g.description}")
+    out.print(f"[bold]{g.name}[/bold]  {escape(g.description)}")  # a description may hold [brackets]
     t = Table(show_header=True, header_style="bold")
     for col in ("variable", "values", "parents", "descendants", "confounded with"):
         t.add_column(col)
@@ -127,7 +164,7 @@ def graph_show(
               + ("  ".join("{" + ", ".join(c) + "}" for c in cliques) if cliques else "none"))
     out.print(f"image: {g.image.channels}x{g.image.size}x{g.image.size}, child of every factor")
     if g.data:
-        out.print(f"data: {json.dumps(g.data)}")
+        out.print(f"data: {json.dumps(g.data)}", markup=False)
     for name, q in g.queries.items():
         out.print(f"query {name}: {q}", markup=False, highlight=False)
 
@@ -145,9 +182,10 @@ def data_barmnist(
     setting: str = typer.Argument(..., help="backdoor | frontdoor"),
     n: int = typer.Option(1000, "--n", min=1, help="Number of images."),
     split: str = typer.Option("train", "--split", help="train | test (MNIST exemplars of that split)"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the PNGs, labels.csv, exogenous.csv, grid.png."),
     force: bool = typer.Option(False, "--force", help="Overwrite what an earlier run wrote into --out."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run into --out (same arguments): its images are kept."),
     mnist_root: Optional[Path] = typer.Option(None, "--mnist-root", help=MNIST_ROOT_HELP),
 ) -> None:
     """Write Colored-MNIST-with-bars images with their factors and exogenous noise."""
@@ -158,8 +196,10 @@ def data_barmnist(
     if split not in ("train", "test"):
         raise UsageFailure(f"--split: unknown split {split!r} (train, test)")
     with out.status(f"writing {n} {setting} images"):
-        s = write_barmnist(setting, n, split=split, seed=seed, out=out_dir, force=force, root=mnist_root)
-    typer.echo(f"wrote {s.n} images to {s.out} in {s.seconds:.1f} s "
+        s = write_barmnist(setting, n, split=split, seed=seed, out=out_dir, force=force, root=mnist_root,
+                           resume=resume)
+    kept = f", {s.kept} of them kept from the interrupted run" if s.kept else ""
+    typer.echo(f"wrote {s.n} images to {s.out} in {s.seconds:.1f} s{kept} "
                f"({s.labels.name}, {s.exogenous.name}, {s.grid.name})")
 
 
@@ -195,11 +235,11 @@ def bounds(
     query: Optional[List[str]] = typer.Option(None, "--query", "-q", help='A query, e.g. "P(bar_{color=red}=yes | digit=3)". Repeatable. Default: the graph\'s named queries.'),
     data: Optional[Path] = typer.Option(None, "--data", help="labels.csv with one column per variable (empirical P(V))."),
     method: str = typer.Option("exact", "--method", help="exact | ncm (trains NCM max/min models and shows both)"),
-    seed: int = typer.Option(0, "--seed", help="Seed for the NCM route."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for the NCM route."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Optimal (sharp) bounds of counterfactual queries given the graph and P(V)."""
-    from cfedit.bounds import compute_bounds
+    from cfedit.bounds import check_pv_size, compute_bounds
     from cfedit.graph import load_graph
     from cfedit.query import parse_query
     from cfedit.scm import scm_for_graph
@@ -211,6 +251,7 @@ def bounds(
     if not named:
         raise UsageFailure(f"{g.source}: the graph names no queries; give --query \"P(...)\"")
     parsed = [(name, parse_query(text).validate(g)) for name, text in named]
+    check_pv_size(g)  # before P(V) is built from any source
     pv, pv_source = observational_distribution(g, data)
     truth = scm_for_graph(g) if data is None else None
 
@@ -232,9 +273,10 @@ def bounds(
     if as_json:
         sys.stdout.write(json.dumps({"graph": g.name, "pv": pv_source, "bounds": rows}, indent=2) + "\n")
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"Optimal bounds — graph {g.name}, P(V) {pv_source}", header_style="bold")
+    t = Table(title=f"Optimal bounds — graph {g.name}, P(V) {escape(pv_source)}", header_style="bold")  # (a path)
     t.add_column("name")
     t.add_column("query", overflow="fold")
     for col in ("lower", "upper") + (("true",) if truth is not None else ()) + (
@@ -297,14 +339,17 @@ def fit(
 
     from cfedit.ancm import FitOptions, fit_ancm, partial_path
     from cfedit.features import FAMILIES
+    from cfedit.files import check_writable
     from cfedit.graph import load_graph
 
     if features not in FAMILIES:
         raise UsageFailure(f"--features: unknown family {features!r} ({', '.join(FAMILIES)})")
     g = load_graph(graph)
+    # a graph's name is validated as a file-name word (cfedit.graph.GRAPH_NAME): the default stays in runs/
     target = out_path or Path("runs") / f"{g.name}-{features}.safetensors"
     if target.exists() and not force:
         raise UsageFailure(f"{target} exists; pass --force to overwrite it or --out another path")
+    check_writable(target, "checkpoint")  # before minutes of training, not at the first save
     if resume and not partial_path(target).exists():
         err_console.print(f"note: no {partial_path(target)} to resume from; starting afresh", markup=False)
     opts = FitOptions(features=features, epochs=epochs, labeller_epochs=labeller_epochs, n_train=n,
@@ -366,29 +411,87 @@ def find_shipped_checkpoint(variables: list[str], graph: str | None = None) -> P
     return match[0]
 
 
+def edit_checkpoint(checkpoint: Optional[Path], graph: Optional[str], variables: list[str]) -> Path:
+    """The checkpoint ``edit`` uses: ``--checkpoint``, refused when ``--graph`` names another graph than
+    the one it was trained on; else the shipped one with the variables (``--graph`` picks among several)."""
+    if checkpoint is None:
+        return find_shipped_checkpoint(variables, graph)
+    if graph is not None:
+        from cfedit.checkpoint import read_checkpoint_graph
+        from cfedit.graph import load_graph
+
+        want, have = load_graph(graph), read_checkpoint_graph(checkpoint)
+        if want.structure_hash() != have.structure_hash():
+            raise UsageFailure(f"{checkpoint} was trained on graph {have.name!r}, which differs from --graph {graph} "
+                               f"({want.name!r}); pass a checkpoint of that graph, or drop --graph")
+    return checkpoint
+
+
+class EditProgress:
+    """Progress of an edit run on stderr: a live bar with files/s and ETA on a terminal, else a plain
+    line every ``every`` seconds (logs of long runs stay short; stdout carries only JSON lines)."""
+
+    def __init__(self, label: str, every: float = 10.0):
+        self.label, self.every = label, every
+        self.bar = None
+        self.start: Optional[tuple[float, int]] = None  # (time, files done) when editing began
+        self.last_line = 0.0
+
+    def __enter__(self) -> "EditProgress":
+        if err_console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=err_console, transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=None, rate="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = (now, done)
+        rate = (done - self.start[1]) / max(now - self.start[0], 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total, rate=f"{rate:,.1f} files/s" if rate else "")
+        elif done > self.start[1] and (now - self.last_line >= self.every) and done < total:
+            self.last_line = now
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            err_console.print(f"{self.label}: {done}/{total} files ({100 * done / max(total, 1):.0f}%), "
+                              f"{rate:,.1f} files/s, ETA {eta:,.0f} s", markup=False, highlight=False)
+
+
 @app.command()
 @handles_errors
 def edit(
-    images: List[str] = typer.Argument(..., help="Image files, folders of images, or - to read paths from stdin."),
+    images: List[str] = typer.Argument(..., help="Image files, folders of images (searched recursively), or - to read paths from stdin."),
     set_: str = typer.Option(..., "--set", help="The intervention, e.g. color=red or color=red,digit=5."),
     given: Optional[str] = typer.Option(None, "--given", help="Factual factors to use instead of the labeller's reading, e.g. digit=3,bar=yes."),
     samples: int = typer.Option(1, "--samples", min=1, help="Counterfactual samples per image (the answer is a distribution)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, help="The run's seed; each image draws from its own stream keyed by the seed and its path."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint (default: the shipped one whose graph has the --set variables)."),
-    graph: Optional[str] = typer.Option(None, "--graph", "-g", help="Use the shipped checkpoint of this graph (when several have the --set variables)."),
+    graph: Optional[str] = typer.Option(None, "--graph", "-g", help="Use the shipped checkpoint of this graph (when several have the --set variables); with --checkpoint, the graph it must have been trained on."),
     bound: Optional[str] = typer.Option(None, "--bound", help="lower | upper: use the feature model at that bound of the edit's query."),
-    out_dir: Path = typer.Option(Path("out"), "--out", help="Folder for the counterfactual PNGs and side-by-side pairs."),
+    out_dir: Path = typer.Option(Path("out"), "--out", help="Folder for the counterfactual PNGs, side-by-side pairs and the manifest edits.jsonl; mirrors the inputs' folders."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run into the same --out: batches it finished are kept, the rest edited."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: edit shard I of N (every N-th batch; default under torchrun: RANK/WORLD_SIZE)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default: by image size, 256 for 28x28 digits, 32 for 64x64 faces)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Processes decoding the inputs (default: one per spare core; 0 decodes on the main process)."),
     device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda | cuda:N"),
     residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Apply the decoded change to the input (default: as the checkpoint was fitted)."),
     keep_size: bool = typer.Option(False, "--keep-size", help="Write outputs at the input's own size: the model's change is upsampled and added to the original."),
 ) -> None:
-    """Edit images counterfactually; one JSON line per output on stdout."""
-
+    """Edit images counterfactually, in batches; one JSON line per output on stdout and in <out>/edits.jsonl."""
     from cfedit.ancm import ANCM
-    from cfedit.imageio import (ImageReadError, apply_change, gather_image_paths, png_bytes, read_image,
-                                read_original, side_by_side)
-    from cfedit.checkpoint import atomic_write_bytes
+    from cfedit.batch_edit import BatchEditError, EditRequest, Shard, edit_files, gather_inputs
     from cfedit.query import parse_assignments
 
     do = parse_assignments(set_, "--set")
@@ -397,59 +500,54 @@ def edit(
     giv = parse_assignments(given or "", "--given")
     if bound not in (None, "lower", "upper"):
         raise UsageFailure(f"--bound: expected lower or upper, not {bound!r}")
-    ck_path = checkpoint or find_shipped_checkpoint(list(do) + list(giv), graph)
-    model = ANCM.load(ck_path, device=resolve_device(device))
-    g = model.graph
+    if resume and force:
+        raise UsageFailure("--resume keeps what an earlier run wrote and --force overwrites it: choose one")
+    try:
+        part = Shard.parse(shard) if shard else Shard.from_torchrun() or Shard()
+    except BatchEditError as e:
+        raise UsageFailure(str(e)) from None
+    ck_path = edit_checkpoint(checkpoint, graph, list(do) + list(giv))
+    dev = resolve_device(device)
+    if dev == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process of a node
+        dev = f"cuda:{os.environ['LOCAL_RANK']}"
+    model = ANCM.load(ck_path, device=dev)
     for k, v in list(do.items()) + list(giv.items()):
-        g[k].index(v)  # validates name and value against the checkpoint's graph
-    paths, problems = gather_image_paths(images)
-    failed = len(problems)
+        model.graph[k].index(v)  # validates name and value against the checkpoint's graph
+    units, problems = gather_inputs(images, exclude=out_dir)
     for p in problems:
         err_console.print(f"cfedit: error: {p}", markup=False, highlight=False)
 
-    def names_for(p: Path) -> list[tuple[Path, Path]]:
-        return [(out_dir / f"{p.stem}.cf{k}.png", out_dir / f"{p.stem}.pair{k}.png") for k in range(samples)]
+    notes: dict[str, int] = {}
 
-    if not force:
-        for p in paths:
-            for a, b in names_for(p):
-                if a.exists() or b.exists():
-                    raise UsageFailure(f"{a if a.exists() else b} exists; pass --force to overwrite or --out another folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    size, channels = g.image.size, g.image.channels
-    for p in paths:
-        try:
-            img, note = read_image(p, size, channels)
-            original = read_original(p, channels) if keep_size else None
-        except ImageReadError as e:
-            err_console.print(f"cfedit: error: {e} (skipped)", markup=False, highlight=False)
-            failed += 1
-            continue
-        if note:
-            err_console.print(f"note: {p}: {note}", markup=False, highlight=False)
-        res = model.edit(img[None], do, given=giv, n_samples=samples, seed=seed, bound=bound, residual=residual)
-        v = res.factual[0]
-        factual = {n: g[n].values[int(v[i])] for i, n in enumerate(g.names)}
-        for k, (cf_path, pair_path) in enumerate(names_for(p)):
-            cf_img = res.images[0, k]
-            before = img
-            if keep_size:
-                before, cf_img = original, apply_change(original, img, cf_img)
-            atomic_write_bytes(cf_path, png_bytes(cf_img))
-            atomic_write_bytes(pair_path, png_bytes(side_by_side(before, cf_img)))
-            row = res.counterfactual[0, k]
-            record = {
-                "input": str(p), "sample": k, "do": do,
-                "factual": factual, "factual_from": {n: ("given" if n in giv else "labeller") for n in g.names},
-                "counterfactual": {n: g[n].values[int(row[i])] for i, n in enumerate(g.names)},
-                "image": str(cf_path), "pair": str(pair_path),
-                "size": [int(cf_img.shape[2]), int(cf_img.shape[1])],
-                "bounds": model.descendant_bounds(v, res.do, row),
-                "bound": bound, "checkpoint": str(ck_path),
-            }
-            sys.stdout.write(json.dumps(record) + "\n")
-            sys.stdout.flush()
-    if failed:
+    def note(path: Path, text: str) -> None:  # each kind of conversion once, not once per file
+        if text not in notes:
+            err_console.print(f"note: {path}: {text}", markup=False, highlight=False)
+        notes[text] = notes.get(text, 0) + 1
+
+    def line(text: str) -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    request = EditRequest(do, giv, samples, seed, bound, residual, keep_size)
+    label = "edit" if part.count == 1 else f"edit (shard {part})"
+    try:
+        with EditProgress(label) as progress:
+            summary = edit_files(model, units, out_dir, request, source=str(ck_path), batch_size=batch_size,
+                                 shard=part, resume=resume, force=force, workers=workers, on_line=line,
+                                 on_problem=lambda m: err_console.print(f"cfedit: error: {m}", markup=False, highlight=False),
+                                 on_note=note, progress=progress)
+    except BatchEditError as e:
+        raise UsageFailure(str(e)) from None
+    repeats = sum(notes.values()) - len(notes)
+    if repeats:
+        err_console.print(f"note: {repeats} more inputs were converted in the same ways (not listed)", markup=False)
+    if summary.manifest is not None:
+        rate = summary.edited / max(summary.seconds, 1e-9)
+        err_console.print(f"{label}: {summary.edited} files edited ({summary.outputs} outputs) in {summary.seconds:.1f} s, "
+                          f"{rate:,.1f} files/s" + (f"; {summary.resumed} finished earlier" if summary.resumed else "")
+                          + (f"; {summary.failed} unreadable" if summary.failed else "") + f"; manifest {summary.manifest}",
+                          markup=False, highlight=False)
+    if problems or summary.failed:
         raise typer.Exit(1)
 
 
@@ -527,4 +625,4 @@ def evaluate_cmd(
 
 
 def main() -> None:
-    app()
+    app(prog_name="cfedit")

@@ -237,8 +237,7 @@ def load_reader(path: str | Path, graph: CausalGraph | None = None) -> Reader:
                               "never used as the reader; train one with train_reader)")
     g = graph or ck.graph
     ck.check_graph(g)
-    clf = Labeller.from_config(ck.config["classifier"])
-    clf.load_state_dict(ck.section("classifier"))
+    clf = ck.module("classifier", Labeller.from_config)
     reader = Reader(g, clf, ck.config.get("oracle", ()), mirror=bool(ck.config.get("mirror", False)))
     ex = ck.extra
     reader.info = ReaderInfo(list(reader.oracle), clf.config(), ex.get("train", {}), ex.get("test_accuracy", {}),

@@ -7,7 +7,7 @@ Every family — the neural causal model (:mod:`cfedit.ncm`), the exact canonica
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -27,11 +27,13 @@ class FeatureModel(Protocol):
         """The model's own P(V), same layout as the input of :meth:`fit`."""
 
     def counterfactual(self, factual: np.ndarray, do: Mapping[str, int], n_samples: int = 1,
-                       seed: int = 0) -> np.ndarray:
+                       seed: int = 0, unit_keys: Sequence[int] | None = None) -> np.ndarray:
         """Abduct from factual factors [n, k], act do(X=x), predict: [n, n_samples, k] value indices.
 
         Intervened factors hold their new values; non-descendants of the intervened factors keep
-        their factual values in every sample.
+        their factual values in every sample. With ``unit_keys`` (one non-negative int per row) row i
+        draws only from its own stream (:func:`unit_uniforms`), so its samples do not depend on the
+        other rows of the call; without, the call draws from one stream seeded by ``seed``.
         """
 
     def prob(self, query: Query) -> float:
@@ -54,6 +56,33 @@ def as_pv(graph: CausalGraph, data: Any) -> np.ndarray:
         counts = np.bincount(flat, minlength=int(np.prod(graph.shape))).astype(float)
         return (counts / counts.sum()).reshape(graph.shape)
     raise ValueError(f"expected P(V) of shape {graph.shape} or samples of shape [n, {len(graph.names)}]")
+
+
+def unit_uniforms(seed: int, unit_keys: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
+    """Uniforms in [0, 1), [len(unit_keys), *shape]: row i from its own stream
+    ``np.random.default_rng([seed, unit_keys[i]])``.
+
+    Why: a folder of edits is a sample of the counterfactual distribution only if every unit draws
+    independently, and it is reproducible piecewise (a batch, a shard, a resumed run) only if a unit's
+    draws depend on the run's seed and its own key, never on which other units share the call.
+    """
+    if seed < 0 or any(int(k) < 0 for k in unit_keys):
+        raise ValueError("the seed and the unit keys must be non-negative integers")
+    rows = [np.random.default_rng([int(seed), int(k)]).random(shape) for k in unit_keys]
+    return np.stack(rows) if rows else np.zeros((0, *shape))
+
+
+def categorical(p: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Draws from the distribution ``p`` (over outcomes 0..len(p)-1) by inverse CDF of uniforms ``u``
+    (any shape): with :func:`unit_uniforms`, a categorical draw per unit from its own stream."""
+    cdf = np.cumsum(np.asarray(p, dtype=np.float64))
+    return np.minimum(np.searchsorted(cdf / cdf[-1], u, side="right"), len(cdf) - 1)
+
+
+def check_unit_keys(unit_keys: Sequence[int] | None, n: int) -> None:
+    """Refuse unit keys that are not one per factual row (a silent mismatch would pair draws wrongly)."""
+    if unit_keys is not None and len(unit_keys) != n:
+        raise ValueError(f"{len(unit_keys)} unit keys for {n} factual rows (need one per row)")
 
 
 FAMILIES = ("ncm", "canonical", "none", "conditional", "markovian")
@@ -110,8 +139,9 @@ class MarkovianModel:
     def joint(self) -> np.ndarray:
         return self.inner.joint()
 
-    def counterfactual(self, factual, do, n_samples: int = 1, seed: int = 0) -> np.ndarray:
-        return self.inner.counterfactual(factual, do, n_samples=n_samples, seed=seed)
+    def counterfactual(self, factual, do, n_samples: int = 1, seed: int = 0,
+                       unit_keys: Sequence[int] | None = None) -> np.ndarray:
+        return self.inner.counterfactual(factual, do, n_samples=n_samples, seed=seed, unit_keys=unit_keys)
 
     def prob(self, query: Query) -> float:
         return self.inner.prob(query)

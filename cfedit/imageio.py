@@ -2,23 +2,34 @@
 
 Images inside cfedit are uint8 arrays [C, H, W] (C = 1 or 3). Every place that reads or writes an
 image file goes through here, so the conversion rules are the same for datasets and for ``edit``.
+Reading is bounded: only regular files of at most :data:`MAX_IMAGE_BYTES`, and an image's pixel
+count is checked from its header, before it is decoded (:data:`MAX_PIXELS`, and the smaller
+:data:`KEEP_SIZE_MAX_PIXELS` for originals edited at their own size).
 """
 
 from __future__ import annotations
 
 import io
-import sys
+import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
+from cfedit.errors import ImageReadError  # re-exported: ``from cfedit.imageio import ImageReadError``
+from cfedit.files import read_regular
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-class ImageReadError(ValueError):
-    """An input image cannot be read (one line, naming the file)."""
+#: Largest image file read.
+MAX_IMAGE_BYTES = 64 << 20
+#: Most pixels decoded (8192 x 8192, about 200 MiB as RGB); below Pillow's looser bomb warning.
+MAX_PIXELS = 8192 * 8192
+#: Most pixels of an original edited at its own size (``--keep-size``): 4096 x 4096, whose working
+#: arrays (the upsampled change, the float square) take about 1.5 GiB.
+KEEP_SIZE_MAX_PIXELS = 4096 * 4096
+# Warning filters are process-wide: silencing Pillow's bomb warning is serialised across threads.
+_OPEN_LOCK = threading.Lock()
 
 
 def center_square(width: int, height: int) -> tuple[int, int, int]:
@@ -34,18 +45,48 @@ def _decoding(where: str):
 
     try:
         yield
+    except ImageReadError:  # (a ValueError too) already one line naming the file
+        raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"{where}: cannot decode image ({' '.join(str(e).split())})") from None
 
 
-def _open_in_mode(data: bytes, channels: int, where: str):
-    """Decode to a PIL image in the model's mode (RGB for 3 channels, else L); return it and notes."""
+def _open(data: bytes, where: str, max_pixels: int, purpose: str):
+    """The image in ``data``, opened (its header read, nothing decoded) and refused when it has more
+    than ``max_pixels``. This check replaces Pillow's multi-line DecompressionBombWarning."""
+    from PIL import Image
+
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageReadError(f"{where}: over the limit of {max_pixels:,} pixels {purpose} "
+                             f"(a decompression bomb?)") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageReadError(f"{where}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} "
+                             f"{purpose}; resize it first")
+    return im
+
+
+def _open_in_mode(data: bytes, channels: int, where: str, max_pixels: int = MAX_PIXELS,
+                  purpose: str = "for an image"):
+    """Decode to a PIL image in the model's mode (RGB for 3 channels, else L); return it and notes.
+
+    16-bit grayscale is scaled to 8 bits first: Pillow's own conversion clips it to black and white.
+    """
     from PIL import Image
 
     mode = "RGB" if channels == 3 else "L"
-    with _decoding(where), Image.open(io.BytesIO(data)) as im:
-        notes = [f"mode {im.mode} -> {mode}"] if im.mode != mode else []
-        return im.convert(mode), notes
+    with _decoding(where):
+        with _open(data, where, max_pixels, purpose) as im:
+            notes = [f"mode {im.mode} -> {mode}"] if im.mode != mode else []
+            if im.mode.startswith("I;16"):
+                wide = np.asarray(im).astype(np.uint32)
+                return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8)).convert(mode), notes
+            return im.convert(mode), notes
 
 
 def _chw(im, channels: int) -> np.ndarray:
@@ -77,10 +118,7 @@ def decode_image(data: bytes, size: int, channels: int, where: str = "image") ->
 
 
 def _read_bytes(path: str | Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise ImageReadError(f"{path}: cannot read ({e.strerror})") from None
+    return read_regular(path, MAX_IMAGE_BYTES, ImageReadError, "image")
 
 
 def read_image(path: str | Path, size: int, channels: int) -> tuple[np.ndarray, str | None]:
@@ -88,8 +126,10 @@ def read_image(path: str | Path, size: int, channels: int) -> tuple[np.ndarray, 
 
 
 def read_original(path: str | Path, channels: int) -> np.ndarray:
-    """The image file at its own resolution, uint8 [channels, H, W], in the model's mode (RGB or L)."""
-    im, _ = _open_in_mode(_read_bytes(path), channels, str(path))
+    """The image file at its own resolution, uint8 [channels, H, W], in the model's mode (RGB or L);
+    at most :data:`KEEP_SIZE_MAX_PIXELS`, as it is to be edited at that size."""
+    im, _ = _open_in_mode(_read_bytes(path), channels, str(path), KEEP_SIZE_MAX_PIXELS,
+                          "for editing at its own size (--keep-size)")
     with _decoding(str(path)):
         return _chw(im, channels)
 
@@ -160,30 +200,3 @@ def to_uint8(images) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
     return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def gather_image_paths(args: Iterable[str], stdin=None) -> tuple[list[Path], list[str]]:
-    """Expand files, directories (their images, sorted) and '-' (paths on stdin, one per line).
-
-    Returns (paths, problems): a missing path is a problem to report, not a reason to stop.
-    """
-    paths: list[Path] = []
-    problems: list[str] = []
-    for a in args:
-        if a == "-":
-            stream = stdin or sys.stdin
-            for line in stream:
-                if line.strip():
-                    paths.append(Path(line.strip()))
-            continue
-        p = Path(a)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                problems.append(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            paths.extend(found)
-        elif p.exists():
-            paths.append(p)
-        else:
-            problems.append(f"{p}: no such file or folder")
-    return paths, problems

@@ -48,6 +48,8 @@ the bounds. The interval is an inner one found by local optimisation: it is neve
 
 from __future__ import annotations
 
+from cfedit.errors import CfeditError
+
 import contextlib
 import copy
 import functools
@@ -64,13 +66,17 @@ import torch
 from torch import nn
 
 from cfedit.bounds import Bounds
+from cfedit.features import categorical, check_unit_keys, unit_uniforms
 from cfedit.graph import CausalGraph
 from cfedit.query import Query, QueryError, parse_query
 
 FAMILY = "ncm"
+# Tags the per-cell candidate streams of keyed counterfactuals (seed, tag, cell) apart from the unit
+# streams (seed, key) of cfedit.features.unit_uniforms.
+_CELL_STREAM = 2**32 - 1
 
 
-class NCMError(ValueError):
+class NCMError(CfeditError, ValueError):
     """The NCM cannot do what was asked (bad input, not fitted, a state that does not match)."""
 
 
@@ -529,14 +535,19 @@ class NCM:
     @_limit_threads
     @torch.no_grad()
     def counterfactual(self, factual: np.ndarray, do: Mapping[str, int | str], n_samples: int = 1,
-                       seed: int = 0) -> np.ndarray:
+                       seed: int = 0, unit_keys: Sequence[int] | None = None) -> np.ndarray:
         """Abduct the noise from factual factors [n, k], act do(X=x), predict: [n, n_samples, k].
 
         Continuous noises are abducted by importance resampling from 2**abduction_log2 candidates
         (``last_abduction`` holds the acceptance rate = effective sample size / candidates, and the
         evidence probability); each quantile noise is drawn exactly from its posterior. Intervened
         factors take their new values; non-descendants of them keep their factual values.
+
+        With ``unit_keys`` row i resamples the candidates and draws its quantile noises from its own
+        stream (:func:`cfedit.features.unit_uniforms`), and each factual cell's candidates come from a
+        stream keyed by the seed and the cell, so a row's samples do not depend on the other rows.
         """
+        check_unit_keys(unit_keys, len(factual))
         g = self.graph
         fac = np.asarray(factual)
         if fac.ndim != 2 or fac.shape[1] != len(g.names):
@@ -554,6 +565,7 @@ class NCM:
         if n == 0 or m == 0:
             return out
         gen = torch.Generator().manual_seed(int(seed))
+        per_unit = None if unit_keys is None else unit_uniforms(seed, unit_keys, (m, 1 + len(g.names)))
         n_cand = 2 ** self.config.abduction_log2
         uniq, inverse = np.unique(fac, axis=0, return_inverse=True)
         inverse = np.asarray(inverse).reshape(-1)
@@ -561,6 +573,10 @@ class NCM:
         eps = torch.empty(n, m, len(g.names), dtype=torch.float64)
         accept, p_ev = [], []
         for j, row in enumerate(uniq):
+            if per_unit is not None:
+                cell = int(np.ravel_multi_index(tuple(int(x) for x in row), g.shape))
+                gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), _CELL_STREAM, cell])
+                                                        .generate_state(1, np.uint64)[0]))
             cand = torch.rand(n_cand, self.noise_total, generator=gen)
             logw = torch.zeros(n_cand, dtype=torch.float64)
             bounds = []
@@ -579,9 +595,13 @@ class NCM:
             accept.append(ess / n_cand)
             p_ev.append(float(torch.exp(torch.logsumexp(logw, 0)) / n_cand))
             rows = np.nonzero(inverse == j)[0]
-            pick = torch.multinomial(w.float(), len(rows) * m, replacement=True, generator=gen).view(len(rows), m)
+            if per_unit is None:
+                pick = torch.multinomial(w.float(), len(rows) * m, replacement=True, generator=gen).view(len(rows), m)
+                r = torch.rand(len(rows), m, len(g.names), generator=gen, dtype=torch.float64)
+            else:
+                pick = torch.from_numpy(categorical(w.numpy(), per_unit[rows, :, 0]))
+                r = torch.from_numpy(per_unit[rows, :, 1:])
             u_rows[rows] = cand[pick]
-            r = torch.rand(len(rows), m, len(g.names), generator=gen, dtype=torch.float64)
             for i, (lo, hi) in enumerate(bounds):
                 a, b = lo[pick], hi[pick]
                 eps[rows, :, i] = a + (b - a) * r[:, :, i]

@@ -15,18 +15,10 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cfedit.errors import QueryError  # re-exported: ``from cfedit.query import QueryError``
+
 if TYPE_CHECKING:
     from cfedit.graph import CausalGraph
-
-
-class QueryError(ValueError):
-    """A query cannot be parsed or does not fit the graph. ``column`` is 1-based (0: the whole query)."""
-
-    def __init__(self, message: str, text: str = "", column: int = 0):
-        self.message, self.text, self.column = message, text, column
-        where = f" at column {column}" if column else ""
-        shown = f' in "{text}"' if text else ""
-        super().__init__(f"{message}{where}{shown}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +110,7 @@ class Query:
         return self
 
 
+_SPACE = re.compile(r"\s*")
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z0-9_.+\-]+)|(?P<sym>_\{|[(){}|,=]))")
 
 
@@ -126,13 +119,11 @@ def parse_query(text: str) -> Query:
     if not isinstance(text, str) or not text.strip():
         raise QueryError("empty query; expected P(Y_{X=x}=y | evidence)", str(text or ""))
     tokens: list[tuple[str, str, int]] = []  # (kind, text, column)
-    pos = 0
-    while pos < len(text):
-        if text[pos:].strip() == "":
-            break
+    pos, end = 0, len(text.rstrip())  # (no slicing per token: parsing stays linear in the text)
+    while pos < end:
         m = _TOKEN.match(text, pos)
         if not m:
-            col = pos + len(text[pos:]) - len(text[pos:].lstrip()) + 1
+            col = _SPACE.match(text, pos).end() + 1
             raise QueryError(f"unexpected character {text[col - 1]!r}", text, col)
         kind = "name" if m.group("name") is not None else "sym"
         tok = m.group(kind)

@@ -98,6 +98,7 @@ def test_edit_keep_size_writes_the_inputs_size(tmp_path):
     assert r.exit_code == 0, r.output
     rec = json.loads(r.stdout.splitlines()[-1])
     assert rec["size"] == [84, 56]
+    assert (tmp_path / "k" / "edits.jsonl").read_text() == r.stdout  # the manifest holds the same records
     with Image.open(rec["image"]) as cf, Image.open(big) as src:
         assert cf.size == (84, 56)
         cf_arr, src_arr = np.asarray(cf.convert("RGB")), np.asarray(src.convert("RGB"))
@@ -112,3 +113,16 @@ def test_edit_keep_size_writes_the_inputs_size(tmp_path):
     assert rec["size"] == [28, 28]
     with Image.open(rec["image"]) as cf:
         assert cf.size == (28, 28)
+
+
+def test_edit_refuses_a_checkpoint_used_with_another_graph(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "digit3_red_bar.png"
+    ck = Path(__file__).resolve().parents[1] / "checkpoints" / "backdoor.safetensors"
+    r = run("edit", example, "--set", "color=green", "-c", ck, "--graph", "frontdoor", "--out", tmp_path / "o")
+    assert r.exit_code == 2
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cfedit: error: ")
+    assert "trained on graph 'backdoor'" in lines[0] and "frontdoor" in lines[0]
+    assert not (tmp_path / "o").exists()
+    r = run("edit", example, "--set", "color=green", "-c", ck, "--graph", "backdoor", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output

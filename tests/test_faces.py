@@ -56,12 +56,10 @@ def test_the_shipped_face_checkpoint_is_small_and_noticed():
     notice = (shipped_dir("checkpoints") / "NOTICE").read_text()
     assert "CelebA" in notice and "non-commercial" in notice
     model = ANCM.load(ck)
-    assert model.residual and model.graph.structure_hash() == load_graph("celeba").structure_hash()
-    # calibrated against the critic: gains per attribute value, and age=old keeps the smile off its change;
-    # the critic ships as the edit guard
-    assert set(model.gains) == set(model.graph.names) and "smiling" in model.protect["age"][1]
-    assert model.critic is not None and model.info["recipe"]["guard"] is True
-    assert model.info["recipe"]["calibrate"] is True and "age=old" in model.info["calibration"]
+    assert model.graph.structure_hash() == load_graph("celeba").structure_hash()
+    # the masked editor, trained with the graph file's recipe; no gains, no guard
+    assert model.mechanism.KIND == "masked" and model.info["recipe"]["mechanism"] == "masked"
+    assert model.info["null_edit_mae"] == 0.0
 
 
 def test_a_tiny_masked_face_model_trains_on_the_real_folder(tmp_path, celebahq):

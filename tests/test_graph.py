@@ -104,8 +104,8 @@ BAD = [
     ("variables:\n  a: {values: [x, y], codes: {x: 1}}\n", "codes lack value(s) y", 2),
     ("variables: [\n", "not valid YAML", None),
     ("variables:\n  a: [x, y]\nfit: [10]\n", "'fit' must be a mapping", 3),
-    ("variables:\n  a: [x, y]\nfit: {epochs: [1, 2]}\n", "'fit' must be a mapping", 3),
-    ("variables:\n  a: [x, y]\nreader: {flip: [1]}\n", "'reader' must be a mapping", 3),
+    ("variables:\n  a: [x, y]\nfit: {epochs: [1, 2]}\n", "'fit' epochs must be a whole number", 3),
+    ("variables:\n  a: [x, y]\nreader: {flip: [1]}\n", "'reader' flip must be true or false", 3),
     ("", "empty", None),
 ]
 
@@ -135,7 +135,7 @@ def test_celeba_graph_maps_attribute_columns():
     assert "eyeglasses" not in g.descendants("age")
     assert set(g.descendants("age")) == {"gray_hair", "bald"}
     assert g.image.size == 64 and len(g.queries) >= 4
-    assert g.fit["residual"] is True and g.fit["epochs"] >= 1  # the training recipe of `cfedit fit`
+    assert g.fit["mechanism"] == "masked" and g.fit["epochs"] >= 1  # the training recipe of `cfedit fit`
 
 
 def test_fit_recipe_is_not_structure(tmp_path):
@@ -152,3 +152,21 @@ def test_fit_recipe_is_not_structure(tmp_path):
     g2 = load_graph(p)
     assert g2.fit == {"epochs": 1} and g2.structure_hash() == g.structure_hash()
     assert g2.reader == {"epochs": 3, "mirror": False} and load_graph(p).to_dict()["reader"] == g2.reader
+
+
+def test_recipe_options_match_the_trainers_defaults():
+    """graph.py checks fit:/reader: at load without importing torch; its tables must name exactly the
+    options the trainers take, with kinds that fit their defaults."""
+    from cfedit import ancm, evaluate
+    from cfedit.graph import FIT_OPTIONS, MECHANISM_OPTIONS, READER_OPTIONS, option_problem
+    from cfedit.image.masked_training import MASKED_DEFAULTS
+    from cfedit.image.train import LABELLER_DEFAULTS, MECHANISM_DEFAULTS
+
+    assert set(FIT_OPTIONS) == set(ancm.RECIPE_KEYS) and set(MECHANISM_OPTIONS) == set(ancm.MECHANISMS)
+    reader_defaults = {**LABELLER_DEFAULTS, **evaluate.READER_DEFAULTS, "mirror": False}
+    assert set(reader_defaults) == set(evaluate.READER_DEFAULTS) | set(evaluate.READER_EXTRA) | set(LABELLER_DEFAULTS)
+    for options, defaults in ((MECHANISM_OPTIONS["cvae"], MECHANISM_DEFAULTS),
+                              (MECHANISM_OPTIONS["masked"], MASKED_DEFAULTS), (READER_OPTIONS, reader_defaults)):
+        assert set(options) == set(defaults)
+        for key, value in defaults.items():
+            assert option_problem(options[key], value) is None, (key, value)

@@ -7,11 +7,9 @@ label); its message is one line, ready for ``cfedit: error: ...``.
 from __future__ import annotations
 
 
-class DataError(ValueError):
-    """A data set cannot be found or read, or does not fit the graph. One line, ready for the user."""
+from cfedit.errors import DataError  # re-exported: ``from cfedit.data import DataError``
 
-
-# Submodules import DataError from here, so it is defined before they are imported.
+# Submodules import DataError from here, so it is imported before they are.
 from cfedit.data.mnist import default_cache_dir, load_mnist, mnist_root  # noqa: E402
 from cfedit.data.barmnist import (  # noqa: E402
     BarMNIST,

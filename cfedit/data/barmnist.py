@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import numpy as np
 from cfedit.data import DataError
 from cfedit.data.mnist import load_mnist
 from cfedit.features import as_pv
+from cfedit.files import atomic_write_bytes, read_regular
 from cfedit.imageio import image_grid, png_bytes
 from cfedit.graph import CausalGraph, load_graph
 from cfedit.scm import SCM, builtin_scm
@@ -37,6 +39,8 @@ BAR_ROWS = 4  # rows 0..3 carry the bar
 # color and bar value indices in the shipped graphs: color [green, red], bar [no, yes]
 GREEN, RED = 0, 1
 NO, YES = 0, 1
+#: Most units of one data set: its images are held in memory (2.3 KiB each, 2.2 GiB at the cap).
+MAX_IMAGES = 1_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,8 +148,8 @@ class BarMNIST:
             raise DataError(f"unknown BarMNIST setting {setting!r} (use {' or '.join(SETTINGS)})")
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r} (use train or test)")
-        if int(n) < 1:
-            raise DataError(f"the number of images must be at least 1, got {n}")
+        if not 1 <= int(n) <= MAX_IMAGES:
+            raise DataError(f"the number of images must be from 1 to {MAX_IMAGES:,}, got {n}")
         self.setting, self.split, self.n, self.seed = setting, split, int(n), int(seed)
         self.graph = graph or load_graph(setting)
         _check_graph(self.graph)
@@ -233,63 +237,132 @@ class WriteSummary:
     exogenous: Path
     grid: Path
     seconds: float
+    kept: int = 0  # images an interrupted run had written, kept by ``resume``
 
 
-_OURS = re.compile(r"^(\d{6,}\.png|labels\.csv|exogenous\.csv|grid\.png)$")
+#: Written first into a data folder: what the run makes, so that ``resume`` finishes that run exactly.
+RUN_FILE = ".cfedit-barmnist.json"
+_FILES = r"\d{6,}\.png|labels\.csv|exogenous\.csv|grid\.png"
+_TEMP = re.compile(rf"^\.({_FILES}|{re.escape(RUN_FILE)})\.[A-Za-z0-9_]+\.tmp$")  # atomic writes' temp files
+_OURS = re.compile(rf"^({_FILES}|{re.escape(RUN_FILE)})$")
+_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the chunk that ends every PNG
 
 
 def write_barmnist(setting: str, n: int, split: str = "train", seed: int = 0, out: str | Path = "barmnist",
-                   force: bool = False, root: str | Path | None = None) -> WriteSummary:
+                   force: bool = False, root: str | Path | None = None, resume: bool = False) -> WriteSummary:
     """Write a BarMNIST data set as a labelled image folder.
 
-    ``out`` gets ``000000.png ...``, ``exogenous.csv`` (image_id and every u of the unit),
-    ``grid.png`` (the first <= 64 images) and, last and atomically, ``labels.csv`` (image_id and one
-    column per factor, values as labels) — so a folder with a labels.csv is complete. A non-empty
-    ``out`` is refused unless ``force``; with ``force`` only files this function writes are replaced.
-    """
-    from cfedit.checkpoint import atomic_write_bytes
+    ``out`` gets :data:`RUN_FILE` first (setting, split, n, seed), then ``000000.png ...``, each written
+    atomically, ``exogenous.csv`` (image_id and every u of the unit), ``grid.png`` (the first <= 64
+    images) and, last, ``labels.csv`` (image_id and one column per factor, values as labels): a folder
+    with a labels.csv is complete, and an interrupted one (Ctrl-C, a full disk) holds whole PNGs only.
 
+    A non-empty ``out`` is refused unless ``force`` (only files this function writes are replaced) or
+    ``resume``: an interrupted run with the same arguments is finished, its PNGs kept and the rest
+    written, which gives the files an uninterrupted run writes.
+    """
     t0 = time.perf_counter()
+    if force and resume:
+        raise DataError("--force starts afresh and --resume keeps an earlier run: choose one")
     out = Path(out)
+    run = {"setting": setting, "split": split, "n": int(n), "seed": int(seed)}
+    try:
+        _check_destination(out, run, force, resume)
+        ds = BarMNIST(setting, split, n, seed, root)
+        if force or resume:
+            _clear(out, keep_pngs=resume)
+        atomic_write_bytes(out / RUN_FILE, json.dumps(run).encode())
+        width = max(6, len(str(ds.n - 1)))
+        ids = [f"{i:0{width}d}.png" for i in range(ds.n)]
+        kept = 0
+        for i, name in enumerate(ids):
+            if resume and _is_whole_png(out / name):
+                kept += 1
+                continue
+            # not flushed one by one (milliseconds each): the durable labels.csv, written last, completes the set
+            atomic_write_bytes(out / name, png_bytes(ds.images[i]), durable=False)
+        atomic_write_bytes(out / "grid.png", png_bytes(image_grid(ds.images[:64])))
+        atomic_write_bytes(out / "exogenous.csv", _exogenous_csv(ds, ids))
+        atomic_write_bytes(out / "labels.csv", _labels_csv(ds, ids))
+    except OSError as e:
+        raise DataError(f"{e.filename or out}: cannot write the data set ({e.strerror or e})") from None
+    return WriteSummary(out, setting, split, ds.n, seed, out / "labels.csv", out / "exogenous.csv",
+                        out / "grid.png", time.perf_counter() - t0, kept)
+
+
+def _check_destination(out: Path, run: dict, force: bool, resume: bool) -> None:
+    """Refuse a folder this run may not write into."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise DataError(f"{out} is not empty; choose another folder or pass --force to overwrite")
-        # remove what an earlier run wrote (labels first, so the folder never looks complete)
-        (out / "labels.csv").unlink(missing_ok=True)
-        for p in out.iterdir():
-            if p.is_file() and _OURS.match(p.name):
-                p.unlink()
-    ds = BarMNIST(setting, split, n, seed, root)
-    out.mkdir(parents=True, exist_ok=True)
-    g = ds.graph
-    width = max(6, len(str(ds.n - 1)))
-    ids = [f"{i:0{width}d}.png" for i in range(ds.n)]
+    if force or not out.is_dir() or not any(out.iterdir()):
+        return
+    earlier = _read_run(out)
+    if resume:
+        if earlier is None:
+            raise DataError(f"{out}: no interrupted run to resume (no {RUN_FILE}); pass --force to overwrite it")
+        if earlier != run:
+            shown = ", ".join(f"{k} {earlier.get(k)}" for k in run)
+            raise DataError(f"{out} holds a run of {shown}; resume it with the same arguments, or pass --force")
+    elif earlier is not None and not (out / "labels.csv").exists():
+        raise DataError(f"{out} holds an interrupted run (no labels.csv); pass --resume to finish it or --force "
+                        f"to start afresh")
+    else:
+        raise DataError(f"{out} is not empty; choose another folder or pass --force to overwrite")
+
+
+def _read_run(out: Path) -> dict | None:
     try:
-        for i, name in enumerate(ids):
-            with open(out / name, "wb") as f:
-                f.write(png_bytes(ds.images[i]))
-        atomic_write_bytes(out / "grid.png", png_bytes(image_grid(ds.images[:64])))
-        keys = [k for k in ds.noise if k != "u_image"] + ["u_image"]
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["image_id", *keys])
-        cols = [ds.noise[k] for k in keys]
-        for i, name in enumerate(ids):
-            w.writerow([name, *(_fmt(c[i]) for c in cols)])
-        atomic_write_bytes(out / "exogenous.csv", buf.getvalue().encode())
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["image_id", *g.names])
-        labels = [np.asarray(g[v].values, dtype=object)[ds.factors[:, j]] for j, v in enumerate(g.names)]
-        for i, name in enumerate(ids):
-            w.writerow([name, *(lab[i] for lab in labels)])
-        atomic_write_bytes(out / "labels.csv", buf.getvalue().encode())
-    except OSError as e:
-        raise DataError(f"cannot write to {out}: {e.strerror or e}") from None
-    return WriteSummary(out, setting, split, ds.n, seed, out / "labels.csv", out / "exogenous.csv",
-                        out / "grid.png", time.perf_counter() - t0)
+        run = json.loads(read_regular(out / RUN_FILE, 4096, DataError, "run record"))
+    except ValueError:  # missing, not a regular file, or not JSON (DataError is a ValueError)
+        return None
+    return run if isinstance(run, dict) else None
+
+
+def _clear(out: Path, keep_pngs: bool) -> None:
+    """Remove what an earlier run wrote (labels first, so the folder never looks complete); temp files
+    of interrupted writes always go, whole PNGs stay when ``keep_pngs``."""
+    if not out.is_dir():
+        return
+    (out / "labels.csv").unlink(missing_ok=True)
+    for p in out.iterdir():
+        ours = _OURS.match(p.name) and not (keep_pngs and p.suffix == ".png")
+        if p.is_file() and (_TEMP.match(p.name) or ours):
+            p.unlink()
+
+
+def _is_whole_png(path: Path) -> bool:
+    """A regular file ending in the PNG end chunk: written whole (an atomic write never leaves less;
+    a writer without temp files could)."""
+    try:
+        if not path.is_file() or path.stat().st_size < len(_IEND) + 8:
+            return False
+        with open(path, "rb") as f:
+            f.seek(-len(_IEND), 2)
+            return f.read() == _IEND
+    except OSError:
+        return False
+
+
+def _exogenous_csv(ds: BarMNIST, ids: list[str]) -> bytes:
+    keys = [k for k in ds.noise if k != "u_image"] + ["u_image"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image_id", *keys])
+    cols = [ds.noise[k] for k in keys]
+    for i, name in enumerate(ids):
+        w.writerow([name, *(_fmt(c[i]) for c in cols)])
+    return buf.getvalue().encode()
+
+
+def _labels_csv(ds: BarMNIST, ids: list[str]) -> bytes:
+    g = ds.graph
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image_id", *g.names])
+    labels = [np.asarray(g[v].values, dtype=object)[ds.factors[:, j]] for j, v in enumerate(g.names)]
+    for i, name in enumerate(ids):
+        w.writerow([name, *(lab[i] for lab in labels)])
+    return buf.getvalue().encode()
 
 
 def _fmt(x) -> str:

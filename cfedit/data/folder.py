@@ -32,13 +32,16 @@ import numpy as np
 from cfedit.data import DataError
 from cfedit.data.mnist import default_cache_dir
 from cfedit.features import as_pv
-from cfedit.imageio import ImageReadError, decode_image
+from cfedit.files import atomic_write_bytes, read_regular
+from cfedit.imageio import MAX_IMAGE_BYTES, ImageReadError, decode_image
 from cfedit.graph import CausalGraph
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 LABEL_FILES = ("labels.csv", "attributes.csv", "CelebAMask-HQ-attribute-anno.txt", "list_attr_celeba.txt")
 ID_COLUMN = "image_id"
 N_TEST = 3000
+#: Largest label file read (CelebA's 200,000-row attribute file is 26 MiB).
+MAX_LABEL_BYTES = 256 << 20
 
 
 def _few(items: Sequence, k: int = 3) -> str:
@@ -75,11 +78,17 @@ def read_label_table(path: str | Path) -> LabelTable:
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         if key in _TABLES:
             return _TABLES[key]
-        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{path}: label file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read label file ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read label file ({e.strerror})") from None
+    data = read_regular(path, MAX_LABEL_BYTES, DataError, "label file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the label file as "
+                        f"UTF-8") from None
     lines = text.splitlines()
     first = lines[0].strip() if lines else ""
     if first.isdigit():
@@ -215,9 +224,17 @@ class _Source:
         return self.names.get(image_id) or self.names.get(image_id.rsplit("/", 1)[-1])
 
     def read(self, member: str) -> bytes:
-        if self.zip is not None:
+        """The bytes of one image, refused (before reading) above the image size limit."""
+        if self.zip is None:
+            return read_regular(self.path / member, MAX_IMAGE_BYTES, DataError, "image")
+        size = self.zip.getinfo(member).file_size
+        if size > MAX_IMAGE_BYTES:
+            raise DataError(f"{self.path}:{member}: {size:,} bytes unpacked, over the image limit of "
+                            f"{MAX_IMAGE_BYTES:,}")
+        try:
             return self.zip.read(member)
-        return (self.path / member).read_bytes()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise DataError(f"{self.path}:{member}: cannot unpack ({e})") from None
 
     def close(self) -> None:
         if self.zip is not None:
@@ -337,8 +354,6 @@ class ImageFolderDataset:
     @staticmethod
     def _save_cache(path: Path, arr: np.ndarray) -> None:
         try:
-            from cfedit.checkpoint import atomic_write_bytes
-
             buf = io.BytesIO()
             np.save(buf, arr, allow_pickle=False)
             atomic_write_bytes(path, buf.getvalue())

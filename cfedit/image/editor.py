@@ -4,9 +4,9 @@
     C, m = G(x, v', v' - v)           a colour layer and a mask in [0, 1] per pixel
     f_I(v', u_I) = x + m * (C - x)    the photo, changed only where the mask is on
 
-The generator is a small U-Net (full-resolution stem, stride-2 downsampling, residual blocks at the
-base resolution, nearest-neighbour upsampling and 3x3 convolutions, which leave no checkerboard) that
-reads the photo and both factor vectors broadcast as feature maps. The colour layer is expressed
+The generator is a small U-Net (stride-2 downsampling, residual blocks at the base resolution,
+nearest-neighbour upsampling and 3x3 convolutions, which leave no checkerboard) that reads the photo
+and both factor vectors broadcast as feature maps. The colour layer is expressed
 relative to the photo (``C = sigmoid(logit(x) + delta)``), so graying or a darker skin keeps the
 photo's own texture. Where the counterfactual factors equal the factual ones the edit is the photo
 itself, exactly (the null edit). Training (adversarial, attribute, cycle and mask terms) is in
@@ -62,31 +62,33 @@ class MaskedEditor(FactorModule):
     KIND, WHAT = "masked", "image mechanism"
 
     def __init__(self, names: Sequence[str], sizes: Sequence[int], channels: int = 3, size: int = 64,
-                 width: int = 32, blocks: int = 3):
+                 width: int = 24, blocks: int = 2, head_width: int = 8):
         super().__init__()
         if len(names) != len(sizes) or not names:
             raise ValueError("names and sizes must be non-empty and of equal length")
         self.names, self.sizes = tuple(str(n) for n in names), tuple(int(s) for s in sizes)
         self.channels, self.size = int(channels), int(size)
-        self.width, self.blocks = int(width), int(blocks)
+        self.width, self.blocks, self.head_width = int(width), int(blocks), int(head_width)
         n, self.base = down_plan(self.size, max_down=3)
         if n == 0:
             raise ValueError(f"image size {size} cannot be halved; use an even size such as 28 or 64")
         k = 2 * sum(self.sizes)  # target one-hot and its difference to the factual one-hot
-        ws = [self.width * 2 ** min(i, 2) for i in range(n + 1)]  # stem, then one width per halving
-        self.stem = nn.Sequential(nn.Conv2d(self.channels + k, ws[0], 3, 1, 1), nn.LeakyReLU(0.2))
-        self.downs = nn.ModuleList(nn.Sequential(nn.Conv2d(ws[i], ws[i + 1], 4, 2, 1), _norm(ws[i + 1]),
-                                                 nn.LeakyReLU(0.2)) for i in range(n))
-        self.merge = nn.Sequential(nn.Conv2d(ws[n] + k, ws[n], 1), nn.ReLU())  # the factors again at the base
-        self.res = nn.Sequential(*[_Residual(ws[n]) for _ in range(self.blocks)])
-        self.ups = nn.ModuleList()
-        c = ws[n]
-        for i in reversed(range(n)):  # upsample to the resolution of skip i, then read that skip
-            self.ups.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                          nn.Conv2d(c + (ws[i + 1] if i + 1 < n else 0), ws[i], 3, 1, 1),
-                                          _norm(ws[i]), nn.ReLU()))
-            c = ws[i]
-        self.head = nn.Conv2d(c + ws[0] + self.channels, self.channels + 1, 3, 1, 1)
+        # one width per halved resolution (S/2 ... S/2^n); no convolution runs at full resolution but
+        # the last two, thin ones: on a CPU, full-resolution layers cost more than all the others
+        ws = [self.width * 2 ** min(i, 2) for i in range(n)]
+        self.stem = nn.Sequential(nn.Conv2d(self.channels + k, ws[0], 4, 2, 1), nn.LeakyReLU(0.2))
+        self.downs = nn.ModuleList(nn.Sequential(nn.Conv2d(ws[i - 1], ws[i], 4, 2, 1), _norm(ws[i]),
+                                                 nn.LeakyReLU(0.2)) for i in range(1, n))
+        self.merge = nn.Sequential(nn.Conv2d(ws[-1] + k, ws[-1], 1), nn.ReLU())  # the factors again at the base
+        self.res = nn.Sequential(*[_Residual(ws[-1]) for _ in range(self.blocks)])
+        # up to each skip's resolution, then read that skip (U-Net)
+        self.ups = nn.ModuleList(
+            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                          nn.Conv2d(ws[i] if i == n - 1 else 2 * ws[i], ws[i - 1], 3, 1, 1), _norm(ws[i - 1]),
+                          nn.ReLU()) for i in range(n - 1, 0, -1))
+        self.final = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                   nn.Conv2d(ws[0] if n == 1 else 2 * ws[0], self.head_width, 3, 1, 1), nn.ReLU())
+        self.head = nn.Conv2d(self.head_width + self.channels, self.channels + 1, 3, 1, 1)
         with torch.no_grad():  # start as the identity: mask about 0.05, colour layer = photo
             self.head.weight.mul_(0.1)
             self.head.bias.zero_()
@@ -94,7 +96,8 @@ class MaskedEditor(FactorModule):
 
     def config(self) -> dict[str, Any]:
         return {"kind": self.KIND, "names": list(self.names), "sizes": list(self.sizes),
-                "channels": self.channels, "size": self.size, "width": self.width, "blocks": self.blocks}
+                "channels": self.channels, "size": self.size, "width": self.width, "blocks": self.blocks,
+                "head_width": self.head_width}
 
     @property
     def u_dim(self) -> int:
@@ -119,10 +122,8 @@ class MaskedEditor(FactorModule):
         h = self.merge(torch.cat([h, cond[:, :, None, None].expand(-1, -1, *h.shape[-2:])], 1))
         h = self.res(h)
         for i, up in enumerate(self.ups):
-            if i:  # the first up reads the base itself; later ones also read their encoder skip
-                h = torch.cat([h, skips[len(self.downs) - i]], 1)
-            h = up(h)
-        out = self.head(torch.cat([h, skips[0], x * 2 - 1], 1))
+            h = torch.cat([up(h), skips[len(skips) - 2 - i]], 1)
+        out = self.head(torch.cat([self.final(h), x * 2 - 1], 1))
         delta, mask_logit = out[:, :self.channels], out[:, self.channels:]
         xc = x.clamp(_EPS, 1 - _EPS)
         colour = torch.sigmoid(torch.log(xc) - torch.log1p(-xc) + delta)

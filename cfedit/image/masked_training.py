@@ -32,8 +32,8 @@ from cfedit.image.mechanism import down_plan
 # loss on edits (generator) and on real photos (discriminator); cycle: L1 weight of the round trip;
 # mask: weight of the mean mask (sparsity: an edit changes no more of the photo than it must);
 # smooth: weight of the mask's total variation; d_width: the discriminator's first width.
-MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "lr_decay": False, "width": 32,
-                   "blocks": 3, "swap_p": 0.3, "cls_g": 2.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1,
+MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "lr_decay": False, "width": 24,
+                   "blocks": 2, "head_width": 8, "swap_p": 0.3, "cls_g": 2.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1,
                    "smooth": 0.5, "d_width": 32, "save_every": 300}
 
 
@@ -111,7 +111,8 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
 
     opts = _options(MASKED_DEFAULTS, options, epochs)
     device = torch.device(device)
-    editor = _init(lambda: MaskedEditor.for_graph(graph, width=opts["width"], blocks=opts["blocks"]),
+    editor = _init(lambda: MaskedEditor.for_graph(graph, width=opts["width"], blocks=opts["blocks"],
+                                                         head_width=opts["head_width"]),
                    seed, state).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7)
