@@ -311,6 +311,8 @@ def resolve_device(device: str) -> str:
         d = torch.device(device)
     except RuntimeError:
         raise UsageFailure(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
+    if d.type not in ("cpu", "cuda"):
+        raise UsageFailure(f"--device: {device!r} is not one cfedit runs on (auto, cpu, cuda, cuda:N)")
     if d.type == "cuda" and not torch.cuda.is_available():
         raise UsageFailure(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
     return device
@@ -328,7 +330,7 @@ def fit(
     data: Optional[str] = typer.Option(None, "--data", help="Image folder (or zip) with labels, instead of the graph's data."),
     mnist_root: Optional[Path] = typer.Option(None, "--mnist-root", help=MNIST_ROOT_HELP),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from <out>.partial."),
     residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Edits apply the decoded change to the input (deep-SCM residual abduction): the null edit returns the input exactly. Default: the graph file's fit recipe, else off."),
     mechanism: Optional[str] = typer.Option(None, "--mechanism", help="Image mechanism: cvae (a conditional VAE) or masked (edits drawn on the photo through an attention mask; faces). Default: the graph file's fit recipe, else cvae."),
@@ -565,7 +567,7 @@ def evaluate_cmd(
     reader: Optional[Path] = typer.Option(None, "--reader", help="Independent reader checkpoint (default: trained once and cached)."),
     data: Optional[str] = typer.Option(None, "--data", help="Image folder with labels, instead of the graph's data."),
     mnist_root: Optional[Path] = typer.Option(None, "--mnist-root", help=MNIST_ROOT_HELP),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
     device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda | cuda:N"),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),

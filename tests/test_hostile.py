@@ -715,3 +715,12 @@ def test_data_barmnist_interrupted_leaves_whole_pngs_and_resumes_exactly(tmp_pat
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fresh.iterdir())
     for p in fresh.iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+@pytest.mark.parametrize("args", [["fit", "--graph", "backdoor", "--device", "meta"],
+                                  ["fit", "--graph", "backdoor", "--seed", "-1"],
+                                  ["eval", "--graph", "backdoor", "--seed", "-1"]])
+def test_devices_and_seeds_outside_what_cfedit_runs_on_are_one_line(args):
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "cfedit: error:" in r.output
