@@ -247,6 +247,9 @@ class FitOptions:
     mechanism_options: dict = field(default_factory=dict)
     residual: bool | None = None  # edits apply the decoded change to the input (see ANCM.residual)
     mechanism: str | None = None  # the image mechanism: "cvae" (default) or "masked" (cfedit.image.editor)
+    # a saved model of the same graph to start from: its labeller is kept as trained and its image
+    # mechanism (same kind and architecture) trains further for ``epochs`` (a warm start)
+    init_from: str | None = None
 
 
 #: Keys of a graph file's ``fit:`` recipe that are not image-mechanism options.
@@ -353,18 +356,23 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
             _save_partial(out, state)
         return on_epoch
 
-    lab_state = state.get("labeller")
-    labeller, lab_metrics = train_labeller(
-        train, graph, epochs=o.labeller_epochs, device=device, seed=o.seed,
-        progress=lambda s, n, m: report("labeller", s, n, m), state=lab_state,
-        on_epoch=checkpoint_stage("labeller"))
-    seconds["labeller"] = lab_metrics.get("seconds", 0.0)
+    start = _warm_start(graph, o) if o.init_from else None
+    if start is not None:
+        labeller = start.labeller.to(device)
+        seconds.setdefault("labeller", 0.0)
+    else:
+        labeller, lab_metrics = train_labeller(
+            train, graph, epochs=o.labeller_epochs, device=device, seed=o.seed,
+            progress=lambda s, n, m: report("labeller", s, n, m), state=state.get("labeller"),
+            on_epoch=checkpoint_stage("labeller"))
+        seconds["labeller"] = lab_metrics.get("seconds", 0.0)
 
     mech_progress = dict(progress=lambda s, n, m: report("mechanism", s, n, m), state=state.get("mechanism"),
                          on_epoch=checkpoint_stage("mechanism"))
     if o.mechanism == "masked":  # trains against its own discriminator; the labeller only reads inputs
+        init = start.mechanism.state_dict() if start is not None else None
         mech, mech_metrics = train_masked_editor(train, graph, epochs=o.epochs, device=device, seed=o.seed + 1,
-                                                 **mech_progress, **o.mechanism_options)
+                                                 init=init, **mech_progress, **o.mechanism_options)
     else:
         mech, mech_metrics = train_image_mechanism(train, graph, labeller, epochs=o.epochs, device=device,
                                                    seed=o.seed + 1, **mech_progress, **o.mechanism_options)
@@ -388,12 +396,26 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         "device": str(device),
         "recipe": {"mechanism": o.mechanism, "epochs": o.epochs, "labeller_epochs": o.labeller_epochs, "residual": o.residual,
                    **o.mechanism_options},
+        **({"init_from": {"path": str(o.init_from), "info": dict(start.info)}} if start is not None else {}),
     }
     model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary, residual=o.residual)
     model.save(out)
     partial_path(out).unlink(missing_ok=True)
     report("summary", 1, 1, {})
     return model, summary
+
+
+def _warm_start(graph: CausalGraph, o: FitOptions) -> "ANCM":
+    """The saved model ``o.init_from`` a fit starts from, checked against the graph and the mechanism."""
+    start = ANCM.load(o.init_from)
+    if start.graph.structure_hash() != graph.structure_hash():
+        raise ValueError(f"--init-from {o.init_from}: that model was trained for another graph "
+                         f"({start.graph.name!r}, not {graph.name!r})")
+    kind = start.mechanism.config().get("kind", "cvae")
+    if kind != o.mechanism or o.mechanism != "masked":
+        raise ValueError(f"--init-from {o.init_from}: a warm start continues a masked editor; that model's "
+                         f"image mechanism is {kind!r} and this fit trains {o.mechanism!r}")
+    return start
 
 
 def _rank() -> int:

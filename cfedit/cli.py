@@ -334,6 +334,7 @@ def fit(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from <out>.partial."),
     residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Edits apply the decoded change to the input (deep-SCM residual abduction): the null edit returns the input exactly. Default: the graph file's fit recipe, else off."),
     mechanism: Optional[str] = typer.Option(None, "--mechanism", help="Image mechanism: cvae (a conditional VAE) or masked (edits drawn on the photo through an attention mask; faces). Default: the graph file's fit recipe, else cvae."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="A saved model of the same graph to start from: its labeller is kept and its masked editor trains --epochs more (a warm start)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint."),
 ) -> None:
     """Train the feature model, image mechanism and labeller; write one checkpoint."""
@@ -356,7 +357,8 @@ def fit(
         err_console.print(f"note: no {partial_path(target)} to resume from; starting afresh", markup=False)
     opts = FitOptions(features=features, epochs=epochs, labeller_epochs=labeller_epochs, n_train=n,
                       device=resolve_device(device), seed=seed, data=data, residual=residual,
-                      mnist_root=str(mnist_root) if mnist_root else None, mechanism=mechanism)
+                      mnist_root=str(mnist_root) if mnist_root else None, mechanism=mechanism,
+                      init_from=str(init_from) if init_from else None)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=False) as bar:

@@ -176,3 +176,21 @@ def test_a_checkpoint_of_the_calibrated_guarded_editor_is_refused(tiny, tmp_path
     save_checkpoint(tmp_path / "old.safetensors", ck.tensors, ck.graph, config, extra=ck.extra)
     with pytest.raises(CheckpointError, match="calibrated, guarded decoder"):
         ANCM.load(tmp_path / "old.safetensors")
+
+
+def test_a_warm_start_keeps_the_labeller_and_trains_the_masked_editor_further(tiny, tmp_path, mnist_root):
+    from dataclasses import replace
+
+    g = load_graph("backdoor")
+    opts = FitOptions(mnist_root=str(mnist_root), n_train=128, n_eval=32, epochs=1, labeller_epochs=1,
+                      mechanism="masked", mechanism_options={"batch_size": 32, "width": 8, "blocks": 1, "d_width": 8})
+    first, _ = fit_ancm(g, tmp_path / "first.safetensors", opts)
+    second, summary = fit_ancm(g, tmp_path / "second.safetensors",
+                               replace(opts, init_from=str(tmp_path / "first.safetensors")))
+    assert summary["init_from"]["path"] == str(tmp_path / "first.safetensors")
+    for k, v in first.labeller.state_dict().items():
+        assert np.array_equal(v.numpy(), second.labeller.state_dict()[k].numpy()), k
+    assert not np.array_equal(first.mechanism.state_dict()["head.weight"].numpy(),
+                              second.mechanism.state_dict()["head.weight"].numpy())
+    with pytest.raises(ValueError, match="warm start continues a masked editor"):
+        fit_ancm(g, tmp_path / "third.safetensors", replace(opts, mechanism="cvae", init_from=str(tiny[0])))

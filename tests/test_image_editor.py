@@ -107,3 +107,38 @@ def test_unknown_training_options_are_refused():
     ds = Squares(16)
     with pytest.raises(TypeError, match="unknown training option"):
         train_masked_editor(ds, ds.graph, epochs=1, latent=4)
+
+
+def test_a_pooled_bounded_colour_field_is_smooth_and_never_shifts_more_than_its_bound():
+    torch.manual_seed(0)
+    e = MaskedEditor(["color", "big"], [2, 2], channels=3, size=16, width=8, blocks=1, colour_pool=4,
+                     delta_bound=0.5).eval()
+    with torch.no_grad():
+        e.head.weight.mul_(200.0)  # a wild head: without the bound its colour shift would saturate
+        e.head.bias[-1] = 20.0  # mask fully on, so the edit is the colour layer itself
+    x = torch.full((2, 3, 16, 16), 0.5)
+    v = torch.tensor([[0, 0], [1, 1]])
+    out, m = e(x, v, 1 - v)
+    assert (m > 0.99).all()
+    logit = torch.log(out) - torch.log1p(-out)  # = delta, as x is 0.5 everywhere
+    assert logit.abs().max() <= 0.5 + 1e-4
+    assert logit.abs().max() > 0.3  # the wild head does reach toward the bound
+    # bilinear upsampling of a 4x4 field: neighbouring pixels differ by at most a quarter of the range
+    assert (logit[..., 1:] - logit[..., :-1]).abs().max() <= 0.5 + 1e-4
+    assert mechanism_from_config(e.config()).config() == e.config()
+    with pytest.raises(ValueError, match="colour_pool"):
+        MaskedEditor(["c"], [2], channels=3, size=16, colour_pool=3)
+
+
+def test_a_warm_start_continues_from_the_given_weights_and_refuses_another_architecture():
+    ds = Squares(32, seed=2)
+    first, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=0, **TINY)
+    again, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=0, init=first.state_dict(), **TINY)
+    fresh, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=0, **TINY)
+    w = "head.weight"
+    # the same seed from scratch repeats the first run; started from its weights, the run moves on
+    assert torch.equal(fresh.state_dict()[w], first.state_dict()[w])
+    assert not torch.equal(again.state_dict()[w], first.state_dict()[w])
+    assert (again.state_dict()[w] - first.state_dict()[w]).abs().max() < 0.05
+    with pytest.raises(ValueError, match="another architecture"):
+        train_masked_editor(ds, ds.graph, epochs=1, seed=0, init=first.state_dict(), **dict(TINY, width=12))

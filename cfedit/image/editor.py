@@ -8,7 +8,9 @@ The generator is a small U-Net (stride-2 downsampling, residual blocks at the ba
 nearest-neighbour upsampling and 3x3 convolutions, which leave no checkerboard) that reads the photo
 and both factor vectors broadcast as feature maps. The colour layer is expressed
 relative to the photo (``C = sigmoid(logit(x) + delta)``), so graying or a darker skin keeps the
-photo's own texture. Where the counterfactual factors equal the factual ones the edit is the photo
+photo's own texture; ``delta`` can be drawn at a lower resolution and bounded (``colour_pool``,
+``delta_bound``), so the colour change is smooth and cannot saturate single pixels: the shapes an
+edit draws come from the full-resolution mask, its colour from a smooth field. Where the counterfactual factors equal the factual ones the edit is the photo
 itself, exactly (the null edit). Training (adversarial, attribute, cycle and mask terms) is in
 ``cfedit.image.masked_training``; why this design is in ``docs/faces.md``.
 
@@ -62,13 +64,21 @@ class MaskedEditor(FactorModule):
     KIND, WHAT = "masked", "image mechanism"
 
     def __init__(self, names: Sequence[str], sizes: Sequence[int], channels: int = 3, size: int = 64,
-                 width: int = 24, blocks: int = 2, head_width: int = 8):
+                 width: int = 24, blocks: int = 2, head_width: int = 8, colour_pool: int = 1,
+                 delta_bound: float = 0.0):
         super().__init__()
         if len(names) != len(sizes) or not names:
             raise ValueError("names and sizes must be non-empty and of equal length")
         self.names, self.sizes = tuple(str(n) for n in names), tuple(int(s) for s in sizes)
         self.channels, self.size = int(channels), int(size)
         self.width, self.blocks, self.head_width = int(width), int(blocks), int(head_width)
+        # colour_pool: the colour shift is averaged over pool x pool cells and bilinearly upsampled (1: per
+        # pixel); delta_bound: |delta| <= bound logits through a tanh (0: unbounded)
+        self.colour_pool, self.delta_bound = int(colour_pool), float(delta_bound)
+        if self.colour_pool < 1 or self.size % self.colour_pool:
+            raise ValueError(f"colour_pool must be a positive divisor of the image size {size}, got {colour_pool}")
+        if self.delta_bound < 0:
+            raise ValueError(f"delta_bound must be >= 0, got {delta_bound}")
         n, self.base = down_plan(self.size, max_down=3)
         if n == 0:
             raise ValueError(f"image size {size} cannot be halved; use an even size such as 28 or 64")
@@ -97,7 +107,7 @@ class MaskedEditor(FactorModule):
     def config(self) -> dict[str, Any]:
         return {"kind": self.KIND, "names": list(self.names), "sizes": list(self.sizes),
                 "channels": self.channels, "size": self.size, "width": self.width, "blocks": self.blocks,
-                "head_width": self.head_width}
+                "head_width": self.head_width, "colour_pool": self.colour_pool, "delta_bound": self.delta_bound}
 
     @property
     def u_dim(self) -> int:
@@ -125,6 +135,11 @@ class MaskedEditor(FactorModule):
             h = torch.cat([up(h), skips[len(skips) - 2 - i]], 1)
         out = self.head(torch.cat([self.final(h), x * 2 - 1], 1))
         delta, mask_logit = out[:, :self.channels], out[:, self.channels:]
+        if self.colour_pool > 1:
+            delta = F.interpolate(F.avg_pool2d(delta, self.colour_pool), size=(s, s), mode="bilinear",
+                                  align_corners=False)
+        if self.delta_bound > 0:
+            delta = self.delta_bound * torch.tanh(delta / self.delta_bound)
         xc = x.clamp(_EPS, 1 - _EPS)
         colour = torch.sigmoid(torch.log(xc) - torch.log1p(-xc) + delta)
         mask = torch.sigmoid(mask_logit)

@@ -5,7 +5,8 @@ probability ``swap_p``):
 
     edited, m  = G(x, v -> v')              the edit
     back, m2   = G(edited, v' -> v)         the round trip
-    D(x)       -> (real/fake per patch, attribute logits)
+    D(x)       -> (real/fake per patch, attribute logits)   (x and the edit each randomly translated
+                                                        by up to ``d_shift`` pixels before D reads them)
 
     D loss = hinge(D(x) real) + hinge(D(edited) fake) + cls_d * CE(D_cls(x), v)
     G loss = -D(edited) + cls_g * CE(D_cls(edited), v') + cycle * |back - x|
@@ -31,10 +32,14 @@ from cfedit.image.mechanism import down_plan
 # swap_p: chance each factor is resampled for a step's target; cls_g / cls_d: weights of the attribute
 # loss on edits (generator) and on real photos (discriminator); cycle: L1 weight of the round trip;
 # mask: weight of the mean mask (sparsity: an edit changes no more of the photo than it must);
-# smooth: weight of the mask's total variation; d_width: the discriminator's first width.
+# smooth: weight of the mask's total variation; d_width: the discriminator's first width; d_shift: the
+# discriminator reads real photos and edits each translated by its own random offset of up to this many
+# pixels (so neither head can be fooled by a pixel-exact pattern); colour_pool / delta_bound: the
+# editor's smooth, bounded colour field (see MaskedEditor).
 MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "lr_decay": False, "width": 24,
-                   "blocks": 2, "head_width": 8, "swap_p": 0.3, "cls_g": 2.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1,
-                   "smooth": 0.5, "d_width": 32, "save_every": 300}
+                   "blocks": 2, "head_width": 8, "colour_pool": 4, "delta_bound": 3.0, "swap_p": 0.3,
+                   "cls_g": 2.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1, "smooth": 0.5, "d_width": 32,
+                   "d_shift": 2, "save_every": 300}
 
 
 class AttributeDiscriminator(nn.Module):
@@ -76,17 +81,22 @@ class MaskedGANLoss(nn.Module):
         self.mech, self.aux = editor, disc
         self.w = {k: float(opts[k]) for k in ("cls_g", "cls_d", "cycle", "mask", "smooth")}
 
-    def forward(self, x: torch.Tensor, v: torch.Tensor, v_new: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, v: torch.Tensor, v_new: torch.Tensor,
+                seen: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``seen(images, i)``: what the discriminator reads of the real photos (i = 0) and of the
+        edits (i = 1), e.g. a random translation; the identity when None."""
         w = self.w
+        seen = seen or (lambda t, i: t)
         edited, m = self.mech(x, v, v_new)
         back, m2 = self.mech(edited, v_new, v)
-        real_adv, real_cls = self.aux(x)
-        fake_adv, _ = self.aux(edited.detach())
+        real_adv, real_cls = self.aux(seen(x, 0))
+        edited_seen = seen(edited, 1)
+        fake_adv, _ = self.aux(edited_seen.detach())
         d_adv = F.relu(1 - real_adv).mean() + F.relu(1 + fake_adv).mean()
         d_cls = _ce(real_cls, v)
         frozen = {k: t.detach() for k, t in self.aux.named_parameters()}
         frozen.update(dict(self.aux.named_buffers()))
-        g_adv_map, g_cls_logits = torch.func.functional_call(self.aux, frozen, (edited,))
+        g_adv_map, g_cls_logits = torch.func.functional_call(self.aux, frozen, (edited_seen,))
         g_adv = -g_adv_map.mean()
         g_cls = _ce(g_cls_logits, v_new)
         cycle = (back - x).abs().mean()
@@ -101,19 +111,23 @@ class MaskedGANLoss(nn.Module):
 
 def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch.device | str = "cpu",
                         seed: int = 0, progress: Callable | None = None, state: Mapping | None = None,
-                        on_epoch: Callable[[dict], None] | None = None, **options) -> tuple[MaskedEditor, dict]:
+                        on_epoch: Callable[[dict], None] | None = None, init: Mapping | None = None,
+                        **options) -> tuple[MaskedEditor, dict]:
     """Train the masked editor on (photo, factors) pairs; returns (editor in eval mode, metrics).
 
     ``options`` override :data:`MASKED_DEFAULTS`. Resumable like the other trainers (``on_epoch``
     also runs every ``save_every`` steps inside an epoch, and ``state`` resumes from there exactly).
+    ``init``: a trained editor's state dict to start from (a warm start; same architecture).
     """
-    from cfedit.image.train import _fit, _init, _options
+    from cfedit.image.train import _fit, _init, _options, shift_by
 
     opts = _options(MASKED_DEFAULTS, options, epochs)
     device = torch.device(device)
     editor = _init(lambda: MaskedEditor.for_graph(graph, width=opts["width"], blocks=opts["blocks"],
-                                                         head_width=opts["head_width"]),
-                   seed, state).to(device)
+                                                         head_width=opts["head_width"],
+                                                         colour_pool=opts["colour_pool"],
+                                                         delta_bound=opts["delta_bound"]),
+                   seed, state, init).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7)
         disc = AttributeDiscriminator(editor.channels, editor.size, editor.sizes, width=int(opts["d_width"]))
@@ -128,6 +142,10 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
         # a resampled binary factor always flips: a "change" to the same value teaches nothing
         shift = (torch.rand(n, len(editor.sizes), generator=gen) * (sizes - 1)).long().clamp_max(sizes - 2) + 1
         v_new = torch.where(swap.to(v.device), (v + shift.to(v.device)) % sizes.to(v.device), v)
-        return module(x, v, v_new)
+        s = int(opts["d_shift"])
+        if s <= 0:
+            return module(x, v, v_new)
+        offsets = torch.randint(0, 2 * s + 1, (2, n, 2), generator=gen).to(x.device)
+        return module(x, v, v_new, lambda t, i: shift_by(t, offsets[i], s))
 
     return _fit(editor, loss_module, step, dataset, opts, device, seed, progress, state, on_epoch)

@@ -252,10 +252,17 @@ def _options(defaults: Mapping, options: Mapping, epochs: int | None) -> dict:
     return opts
 
 
-def _init(build: Callable[[], nn.Module], seed: int, state: Mapping | None) -> nn.Module:
+def _init(build: Callable[[], nn.Module], seed: int, state: Mapping | None,
+          init: Mapping | None = None) -> nn.Module:
+    """A fresh model (seeded), else ``state``'s (resume), else starting from the weights ``init``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build()
+    if state is None and init is not None:
+        try:
+            model.load_state_dict(init)
+        except RuntimeError as e:
+            raise ValueError(f"cannot start from the given weights: they are another architecture ({e})") from None
     if state is not None:
         if state.get("config") != model.config():
             raise ValueError(f"cannot resume: the saved model config {state.get('config')} differs from "
