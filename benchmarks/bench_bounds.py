@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from cfedit.bounds import BoundsError, compute_bounds
-from cfedit.graph import load_graph, shipped_graphs
-from cfedit.query import parse_query
-from cfedit.scm import scm_for_graph
+from cfedit.causal.bounds import BoundsError, compute_bounds
+from cfedit.causal.graph import load_graph, shipped_graphs
+from cfedit.causal.query import parse_query
+from cfedit.causal.scm import scm_for_graph
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfedit.ancm import ANCM
+from cfedit.editor.fit import ANCM
 from cfedit.checkpoint import atomic_write_bytes
 from cfedit.data import BarMNIST, write_barmnist
 from cfedit.imageio import png_bytes, read_image, side_by_side

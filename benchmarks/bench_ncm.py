@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from cfedit.features import as_pv
-from cfedit.graph import load_graph
-from cfedit.ncm import NCM, NCMConfig, ncm_bounds, total_variation
-from cfedit.query import parse_query
-from cfedit.scm import builtin_scm
+from cfedit.causal.graph import load_graph
+from cfedit.features.ncm import NCM, NCMConfig, ncm_bounds, total_variation
+from cfedit.causal.query import parse_query
+from cfedit.causal.scm import builtin_scm
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from cfedit.bounds import compute_bounds
+    from cfedit.causal.bounds import compute_bounds
 
     cfg = NCMConfig() if args.steps is None else NCMConfig(extreme_steps=args.steps)
     rows = []

@@ -124,7 +124,7 @@ def graph_show(
     format: str = typer.Option("text", "--format", "-f", help="text | mermaid | dot | json"),
 ) -> None:
     """Print a graph's variables, edges and derived structure, or export its diagram."""
-    from cfedit.graph import load_graph
+    from cfedit.causal.graph import load_graph
 
     g = load_graph(file)
     if format == "mermaid":
@@ -211,7 +211,7 @@ def data_barmnist(
 def observational_distribution(graph, data: Optional[Path]):
     """P(V) for bounds: from --data labels.csv (empirical), else the graph's own data source."""
     from cfedit.features import as_pv
-    from cfedit.scm import scm_for_graph, scm_name
+    from cfedit.causal.scm import scm_for_graph, scm_name
 
     if data is not None:
         from cfedit.data import load_labels
@@ -239,10 +239,10 @@ def bounds(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Optimal (sharp) bounds of counterfactual queries given the graph and P(V)."""
-    from cfedit.bounds import check_pv_size, compute_bounds
-    from cfedit.graph import load_graph
-    from cfedit.query import parse_query
-    from cfedit.scm import scm_for_graph
+    from cfedit.causal.bounds import check_pv_size, compute_bounds
+    from cfedit.causal.graph import load_graph
+    from cfedit.causal.query import parse_query
+    from cfedit.causal.scm import scm_for_graph
 
     if method not in ("exact", "ncm"):
         raise UsageFailure(f"--method: unknown method {method!r} (exact, ncm)")
@@ -263,7 +263,7 @@ def bounds(
         if truth is not None:
             row["true"] = truth.prob(q)
         if method == "ncm":
-            from cfedit.ncm import ncm_bounds
+            from cfedit.features.ncm import ncm_bounds
 
             with err_console.status(f"training the NCM's max and min models for {name or q}"):
                 nb = ncm_bounds(g, pv, q, seed=seed)
@@ -340,15 +340,15 @@ def fit(
     """Train the feature model, image mechanism and labeller; write one checkpoint."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from cfedit.ancm import FitOptions, fit_ancm, partial_path
+    from cfedit.editor.fit import FitOptions, fit_ancm, partial_path
     from cfedit.features import FAMILIES
     from cfedit.files import check_writable
-    from cfedit.graph import load_graph
+    from cfedit.causal.graph import load_graph
 
     if features not in FAMILIES:
         raise UsageFailure(f"--features: unknown family {features!r} ({', '.join(FAMILIES)})")
     g = load_graph(graph)
-    # a graph's name is validated as a file-name word (cfedit.graph.GRAPH_NAME): the default stays in runs/
+    # a graph's name is validated as a file-name word (cfedit.causal.graph.GRAPH_NAME): the default stays in runs/
     target = out_path or Path("runs") / f"{g.name}-{features}.safetensors"
     if target.exists() and not force:
         raise UsageFailure(f"{target} exists; pass --force to overwrite it or --out another path")
@@ -394,7 +394,7 @@ def find_shipped_checkpoint(variables: list[str], graph: str | None = None) -> P
     """The shipped checkpoint whose graph defines all of ``variables`` (unique, else an error);
     ``graph`` (a name or graph file) picks among several."""
     from cfedit.checkpoint import read_checkpoint_graph
-    from cfedit.graph import load_graph, shipped_dir
+    from cfedit.causal.graph import load_graph, shipped_dir
 
     candidates = sorted(shipped_dir("checkpoints").glob("*.safetensors"))
     graphs = [(p, read_checkpoint_graph(p)) for p in candidates]
@@ -422,7 +422,7 @@ def edit_checkpoint(checkpoint: Optional[Path], graph: Optional[str], variables:
         return find_shipped_checkpoint(variables, graph)
     if graph is not None:
         from cfedit.checkpoint import read_checkpoint_graph
-        from cfedit.graph import load_graph
+        from cfedit.causal.graph import load_graph
 
         want, have = load_graph(graph), read_checkpoint_graph(checkpoint)
         if want.structure_hash() != have.structure_hash():
@@ -494,9 +494,9 @@ def edit(
     keep_size: bool = typer.Option(False, "--keep-size", help="Write outputs at the input's own size: the model's change is upsampled and added to the original."),
 ) -> None:
     """Edit images counterfactually, in batches; one JSON line per output on stdout and in <out>/edits.jsonl."""
-    from cfedit.ancm import ANCM
-    from cfedit.batch_edit import BatchEditError, EditRequest, Shard, edit_files, gather_inputs
-    from cfedit.query import parse_assignments
+    from cfedit.editor.fit import ANCM
+    from cfedit.editor.batch import BatchEditError, EditRequest, Shard, edit_files, gather_inputs
+    from cfedit.causal.query import parse_assignments
 
     do = parse_assignments(set_, "--set")
     if not do:
@@ -577,10 +577,10 @@ def evaluate_cmd(
     """Measure ctf-consistency: estimates read off the edited images against the optimal bounds."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cfedit.evaluate import evaluate, load_models, load_or_train_reader, render_tables, report_to_json, write_outputs
+    from cfedit.eval.run import evaluate, load_models, load_or_train_reader, render_tables, report_to_json, write_outputs
     from cfedit.features import FAMILIES
-    from cfedit.graph import load_graph, shipped_dir
-    from cfedit.query import parse_query
+    from cfedit.causal.graph import load_graph, shipped_dir
+    from cfedit.causal.query import parse_query
 
     g = load_graph(graph)
     fams = [b.strip() for b in baselines.split(",") if b.strip()]

@@ -5,7 +5,7 @@ Every message is one line that names the file, the line or the key at fault, rea
 
 Each class also derives from ``ValueError``, as the per-module classes it replaces did, so code that
 catches ``ValueError`` keeps working; the modules that raise them re-export them
-(``from cfedit.graph import GraphError`` still works). This module imports nothing, so every layer,
+(``from cfedit.causal.graph import GraphError`` still works). This module imports nothing, so every layer,
 the torch-free ones included, can raise these.
 """
 

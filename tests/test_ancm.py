@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cfedit.bounds import compute_bounds
-from cfedit.ancm import ANCM, FitOptions, fit_ancm, partial_path
+from cfedit.causal.bounds import compute_bounds
+from cfedit.editor.fit import ANCM, FitOptions, fit_ancm, partial_path
 from cfedit.checkpoint import CheckpointError, load_checkpoint
 from cfedit.cli import app
 from cfedit.data import BarMNIST
-from cfedit.graph import load_graph
+from cfedit.causal.graph import load_graph
 
 TINY = dict(n_train=256, n_eval=64, epochs=1, labeller_epochs=1,
             mechanism_options={"batch_size": 64, "width": 8, "hidden": 32})
@@ -133,7 +133,7 @@ def test_residual_edits_return_the_input_on_the_null_edit(tiny, mnist_root, tmp_
 def test_fit_recipe_of_the_graph_file_and_its_overrides():
     from dataclasses import replace
 
-    from cfedit.ancm import resolve_options
+    from cfedit.editor.fit import resolve_options
 
     g = load_graph("celeba")
     o = resolve_options(g)

@@ -1,4 +1,4 @@
-"""Batched file-level editing (cfedit.batch_edit): a folder of edits is a sample of the counterfactual
+"""Batched file-level editing (cfedit.editor.batch): a folder of edits is a sample of the counterfactual
 distribution, reproducible byte for byte however the run is cut (batches, shards, resume), and its
 outputs never collide. Inputs are made from the shipped examples; the model is the shipped backdoor one."""
 
@@ -11,10 +11,10 @@ from PIL import Image
 from scipy.stats import binom
 from typer.testing import CliRunner
 
-from cfedit.ancm import ANCM
-from cfedit.batch_edit import EditRequest, Shard, Unit, edit_files, gather_inputs
+from cfedit.editor.fit import ANCM
+from cfedit.editor.batch import EditRequest, Shard, Unit, edit_files, gather_inputs
 from cfedit.cli import app
-from cfedit.query import parse_query
+from cfedit.causal.query import parse_query
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "checkpoints" / "backdoor.safetensors"
@@ -108,10 +108,10 @@ def test_one_factual_cell_gives_independent_draws_at_the_models_probability(tmp_
 
 
 def test_an_images_draws_do_not_depend_on_the_others_of_its_batch(model):
-    from cfedit.baselines import ConditionalModel
-    from cfedit.canonical import CanonicalModel
+    from cfedit.features.baselines import ConditionalModel
+    from cfedit.features.canonical import CanonicalModel
     from cfedit.features import MarkovianModel
-    from cfedit.ncm import NCM, NCMConfig
+    from cfedit.features.ncm import NCM, NCMConfig
 
     g = model.graph
     factual = np.array([[8, 0, 1]] * 30 + [[3, 1, 0]] * 30)

@@ -1,4 +1,4 @@
-"""Sharp bounds of counterfactual queries (cfedit.bounds)."""
+"""Sharp bounds of counterfactual queries (cfedit.causal.bounds)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from cfedit.bounds import Bounds, BoundsError, compute_bounds, effect_bounds, q_factors
+from cfedit.causal.bounds import Bounds, BoundsError, compute_bounds, effect_bounds, q_factors
 from cfedit.features import as_pv
-from cfedit.graph import graph_from_dict, load_graph
-from cfedit.query import QueryError, parse_query
-from cfedit.scm import builtin_scm
+from cfedit.causal.graph import graph_from_dict, load_graph
+from cfedit.causal.query import QueryError, parse_query
+from cfedit.causal.scm import builtin_scm
 
 KNOWN = [
     ("backdoor", "P(bar_{color=green}=yes | digit=3, color=red, bar=yes)", 0.5691, 1.0000, 0.9756),
@@ -263,7 +263,7 @@ def test_consistency_holds_when_the_data_break_the_graphs_independences():
     """P(b_{a=x}=y | a=x, b=y, c) = 1 by consistency, even where P(V) is not Markov to the graph
     (here c is a lone root but correlated with b): numerator and P(evidence) must come from the same
     factorisation of P(V)."""
-    from cfedit.graph import graph_from_dict
+    from cfedit.causal.graph import graph_from_dict
 
     g = graph_from_dict({"name": "misfit", "variables": {"a": [0, 1], "b": [0, 1], "c": [0, 1]},
                          "edges": ["a -> b"]})

@@ -1,4 +1,4 @@
-"""The exact canonical feature model (cfedit.canonical)."""
+"""The exact canonical feature model (cfedit.features.canonical)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from cfedit.bounds import compute_bounds
-from cfedit.canonical import CanonicalModel
+from cfedit.causal.bounds import compute_bounds
+from cfedit.features.canonical import CanonicalModel
 from cfedit.features import FeatureModel
-from cfedit.graph import graph_from_dict, load_graph
-from cfedit.query import parse_query
-from cfedit.scm import builtin_scm
+from cfedit.causal.graph import graph_from_dict, load_graph
+from cfedit.causal.query import parse_query
+from cfedit.causal.scm import builtin_scm
 
 from test_bounds import EXTRA, KNOWN
 

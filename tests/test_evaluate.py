@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from cfedit import evaluate as E
-from cfedit.ancm import ANCM, FitOptions, fit_ancm
+from cfedit.eval import run as E
+from cfedit.editor.fit import ANCM, FitOptions, fit_ancm
 from cfedit.checkpoint import CheckpointError
 from cfedit.data import oracle_bar, oracle_color
 from cfedit.features import make_feature_model
-from cfedit.graph import load_graph
-from cfedit.scm import scm_for_graph
+from cfedit.causal.graph import load_graph
+from cfedit.causal.scm import scm_for_graph
 
 TINY_READER = {"n": 3000, "epochs": 2, "width": 16, "hidden": 64, "n_test": 300}
 
@@ -318,7 +318,7 @@ def test_tiny_trained_model_against_its_none_baseline(tiny_checkpoint, graph, re
 
 
 def test_a_bad_query_fails_before_any_work(graph):
-    from cfedit.query import QueryError
+    from cfedit.causal.query import QueryError
 
     with pytest.raises(QueryError, match="unknown variable 'colour'"):
         E.evaluate(graph, exact_models(graph), queries=["P(bar_{colour=red}=yes)"], pool=10)

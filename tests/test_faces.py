@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cfedit.ancm import ANCM, FitOptions, fit_ancm
+from cfedit.editor.fit import ANCM, FitOptions, fit_ancm
 from cfedit.cli import app
-from cfedit.graph import load_graph, shipped_dir
+from cfedit.causal.graph import load_graph, shipped_dir
 
 runner = CliRunner()
 FACE = "examples/astronaut_face.png"
@@ -80,7 +80,7 @@ def test_a_tiny_masked_face_model_trains_on_the_real_folder(tmp_path, celebahq):
 @pytest.fixture(scope="module")
 def face_report(celebahq):
     """The shipped face model evaluated on the 3,000 held-out faces by an independently trained reader."""
-    from cfedit.evaluate import evaluate, load_or_train_reader
+    from cfedit.eval.run import evaluate, load_or_train_reader
 
     g = load_graph("celeba")
     model = ANCM.load(shipped_dir("checkpoints") / "celeba.safetensors")

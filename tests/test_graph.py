@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from cfedit.graph import GraphError, graph_from_dict, load_graph, shipped_graphs
+from cfedit.causal.graph import GraphError, graph_from_dict, load_graph, shipped_graphs
 
 GOOD = """\
 name: tiny
@@ -157,8 +157,9 @@ def test_fit_recipe_is_not_structure(tmp_path):
 def test_recipe_options_match_the_trainers_defaults():
     """graph.py checks fit:/reader: at load without importing torch; its tables must name exactly the
     options the trainers take, with kinds that fit their defaults."""
-    from cfedit import ancm, evaluate
-    from cfedit.graph import FIT_OPTIONS, MECHANISM_OPTIONS, READER_OPTIONS, option_problem
+    from cfedit.editor import fit as ancm
+    from cfedit.eval import run as evaluate
+    from cfedit.causal.graph import FIT_OPTIONS, MECHANISM_OPTIONS, READER_OPTIONS, option_problem
     from cfedit.image.masked_training import MASKED_DEFAULTS
     from cfedit.image.train import LABELLER_DEFAULTS, MECHANISM_DEFAULTS
 

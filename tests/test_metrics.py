@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from cfedit import metrics as M
+from cfedit.eval import metrics as M
 
 # -- proportions and verdicts -------------------------------------------------------------------
 

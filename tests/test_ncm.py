@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cfedit.features import FeatureModel, as_pv
-from cfedit.graph import load_graph
-from cfedit.ncm import (
+from cfedit.causal.graph import load_graph
+from cfedit.features.ncm import (
     NCM,
     NCMConfig,
     NCMError,
@@ -22,8 +22,8 @@ from cfedit.ncm import (
     ncm_bounds,
     total_variation,
 )
-from cfedit.query import QueryError, parse_query
-from cfedit.scm import builtin_scm
+from cfedit.causal.query import QueryError, parse_query
+from cfedit.causal.scm import builtin_scm
 
 # Exact bounds from the true P(V) (the figures); the empirical P(V) moves them slightly,
 # so the tests compare with the bounds of the P(V) the model was fitted to when bounds.py is there.
@@ -37,11 +37,11 @@ KNOWN = {
 
 def exact_bounds(graph, pv, query):
     try:
-        from cfedit.bounds import compute_bounds
+        from cfedit.causal.bounds import compute_bounds
     except ImportError:
         key = (graph.name, str(parse_query(query)))
         if key not in KNOWN:
-            pytest.skip("cfedit.bounds is not available and the query's bounds are not known here")
+            pytest.skip("cfedit.causal.bounds is not available and the query's bounds are not known here")
         return KNOWN[key]
     b = compute_bounds(graph, pv, query)
     return b.lower, b.upper

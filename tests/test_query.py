@@ -2,8 +2,8 @@
 
 import pytest
 
-from cfedit.graph import load_graph
-from cfedit.query import QueryError, Term, parse_assignments, parse_query
+from cfedit.causal.graph import load_graph
+from cfedit.causal.query import QueryError, Term, parse_assignments, parse_query
 
 ROUND_TRIP = [
     "P(bar_{color=green}=yes | digit=3, color=red, bar=yes)",

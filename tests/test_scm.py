@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from cfedit.graph import load_graph
-from cfedit.query import QueryError, parse_query
-from cfedit.scm import Exogenous, builtin_scm
+from cfedit.causal.graph import load_graph
+from cfedit.causal.query import QueryError, parse_query
+from cfedit.causal.scm import Exogenous, builtin_scm
 
 
 @pytest.mark.parametrize("name,query,true", [

@@ -30,8 +30,8 @@ from cfedit.data.mnist import load_mnist
 from cfedit.features import as_pv
 from cfedit.files import atomic_write_bytes, read_regular
 from cfedit.imageio import image_grid, png_bytes
-from cfedit.graph import CausalGraph, load_graph
-from cfedit.scm import SCM, builtin_scm
+from cfedit.causal.graph import CausalGraph, load_graph
+from cfedit.causal.scm import SCM, builtin_scm
 
 SETTINGS = ("backdoor", "frontdoor")
 SPLITS = ("train", "test")

@@ -34,7 +34,7 @@ from cfedit.data.mnist import default_cache_dir
 from cfedit.features import as_pv
 from cfedit.files import atomic_write_bytes, read_regular
 from cfedit.imageio import MAX_IMAGE_BYTES, ImageReadError, decode_image
-from cfedit.graph import CausalGraph
+from cfedit.causal.graph import CausalGraph
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 LABEL_FILES = ("labels.csv", "attributes.csv", "CelebAMask-HQ-attribute-anno.txt", "list_attr_celeba.txt")

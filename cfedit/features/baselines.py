@@ -4,7 +4,7 @@
   editing does (the paper's CVAE baseline; at the factor level also CGN's independent mechanisms).
 - ``conditional``: conditioning instead of intervening. The other factors are resampled from
   P(V | X = x′): the spurious-correlation failure ("older → more often male").
-- ``markovian`` lives in :mod:`cfedit.canonical`'s terms: the graph with every bidirected edge
+- ``markovian`` lives in :mod:`cfedit.features.canonical`'s terms: the graph with every bidirected edge
   oriented along the topological order (DEAR's no-confounding assumption), then a canonical model
   of that graph fitted to P(V) — see :func:`markovian_model`.
 
@@ -18,9 +18,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cfedit.features import categorical, check_unit_keys, unit_uniforms
-from cfedit.graph import CausalGraph
-from cfedit.query import Query, QueryError
-from cfedit.scm import all_assignments
+from cfedit.causal.graph import CausalGraph
+from cfedit.causal.query import Query, QueryError
+from cfedit.causal.scm import all_assignments
 
 
 class _TableModel:

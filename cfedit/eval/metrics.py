@@ -1,4 +1,4 @@
-"""Evaluation metrics as pure functions over arrays (no models, no I/O): used by :mod:`cfedit.evaluate`.
+"""Evaluation metrics as pure functions over arrays (no models, no I/O): used by :mod:`cfedit.eval.run`.
 
 Factors are value indices ``[..., k]`` in ``graph.names`` order; images are uint8 (0-255) or float in
 [0, 1], ``[n, C, H, W]``; pixel errors are always in [0, 1] units.

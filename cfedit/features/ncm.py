@@ -65,10 +65,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cfedit.bounds import Bounds
+from cfedit.causal.bounds import Bounds
 from cfedit.features import categorical, check_unit_keys, unit_uniforms
-from cfedit.graph import CausalGraph
-from cfedit.query import Query, QueryError, parse_query
+from cfedit.causal.graph import CausalGraph
+from cfedit.causal.query import Query, QueryError, parse_query
 
 FAMILY = "ncm"
 # Tags the per-cell candidate streams of keyed counterfactuals (seed, tag, cell) apart from the unit

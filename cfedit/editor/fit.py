@@ -21,8 +21,8 @@ import numpy as np
 
 from cfedit.checkpoint import Checkpoint, CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from cfedit.features import FeatureModel, load_feature_model, make_feature_model
-from cfedit.graph import CausalGraph
-from cfedit.query import Query, Term
+from cfedit.causal.graph import CausalGraph
+from cfedit.causal.query import Query, Term
 
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
 
@@ -105,7 +105,7 @@ class ANCM:
             return self.features
         key = (str(query), bound)
         if key not in self._cache:
-            from cfedit.canonical import CanonicalModel
+            from cfedit.features.canonical import CanonicalModel
 
             self._cache[key] = CanonicalModel.extreme(self.graph, self.pv, query, side=bound)
         return self._cache[key]
@@ -180,7 +180,7 @@ class ANCM:
     def descendant_bounds(self, factual_row: np.ndarray, do: Mapping[str, int], cf_row: np.ndarray) -> dict:
         """For each descendant Y of the intervention: the optimal bounds of P(Y_{do} = y′ | factual),
         y′ being the value this edit gave it — what the data cannot decide, stated honestly."""
-        from cfedit.bounds import BoundsError, compute_bounds
+        from cfedit.causal.bounds import BoundsError, compute_bounds
 
         g = self.graph
         out = {}

@@ -17,8 +17,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from cfedit.graph import CausalGraph, load_graph
-from cfedit.query import Query, QueryError
+from cfedit.causal.graph import CausalGraph, load_graph
+from cfedit.causal.query import Query, QueryError
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Each factor V has response types r_V (one coordinate r_V(pa) per parent configuration); the
 variables of one c-component share a joint distribution over their types, c-components are
-independent (the same parametrisation as :mod:`cfedit.bounds`, whose Q-factors, coordinates and
+independent (the same parametrisation as :mod:`cfedit.causal.bounds`, whose Q-factors, coordinates and
 constraints this module reuses).
 
 **Which model in the feasible set (``point``).** P(V) fixes only part of the type distribution. The
@@ -39,7 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import linprog
 
-from cfedit.bounds import (
+from cfedit.causal.bounds import (
     BoundsError,
     CanonicalProblem,
     ComponentSpace,
@@ -50,8 +50,8 @@ from cfedit.bounds import (
     solve_bounds,
 )
 from cfedit.features import as_pv, categorical, check_unit_keys, unit_uniforms
-from cfedit.graph import CausalGraph
-from cfedit.query import Query, parse_query
+from cfedit.causal.graph import CausalGraph
+from cfedit.causal.query import Query, parse_query
 
 POINTS = ("independent", "comonotone")
 

@@ -5,7 +5,7 @@ audits), so a run keeps four promises:
 
 - **Independent, reproducible draws.** Every input is a :class:`Unit` with a stable key, its path
   relative to the inputs' common folder. Its draws come from its own stream, keyed by the run's seed
-  and that key (``unit_keys`` of :meth:`cfedit.ancm.ANCM.edit`), so images with the same factual
+  and that key (``unit_keys`` of :meth:`cfedit.editor.fit.ANCM.edit`), so images with the same factual
   factors draw independently, ``--samples K`` draws K times per image, and an image's draws never
   depend on the other images of its batch. The image side draws nothing: abduction and decoding are
   deterministic given the factors.
@@ -234,7 +234,7 @@ def edit_files(model, units: Sequence[Unit], out_dir: str | Path, request: EditR
                on_problem: Callable[[str], None] | None = None, on_note: Callable[[Path, str], None] | None = None,
                progress: Callable[[int, int], None] | None = None) -> EditSummary:
     """Edit ``units`` (from :func:`gather_inputs`, all of the run's, whatever the shard) with ``model``
-    (an :class:`cfedit.ancm.ANCM`) and write their outputs and the manifest under ``out_dir``.
+    (an :class:`cfedit.editor.fit.ANCM`) and write their outputs and the manifest under ``out_dir``.
 
     ``source`` names the checkpoint in the records. ``shard`` picks the batches this process edits;
     ``resume`` finishes the run an earlier process began (its settings must match); ``force``
@@ -413,7 +413,7 @@ class _Edited:
     batch: int
     size: int  # units in the batch, readable or not
     items: list[_Decoded]  # the readable units
-    result: Any  # cfedit.ancm.EditResult, or None when no unit was readable
+    result: Any  # cfedit.editor.fit.EditResult, or None when no unit was readable
     bounds: list[list[dict]]  # per unit and sample
 
 

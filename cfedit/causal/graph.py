@@ -24,9 +24,9 @@ from typing import Any, Iterable, Mapping
 import networkx as nx
 import yaml
 
-from cfedit.errors import GraphError, QueryError  # GraphError re-exported: ``from cfedit.graph import GraphError``
+from cfedit.errors import GraphError, QueryError  # GraphError re-exported: ``from cfedit.causal.graph import GraphError``
 from cfedit.files import read_regular
-from cfedit.query import parse_query  # (query needs the graph only for type hints: no import circle)
+from cfedit.causal.query import parse_query  # (query needs the graph only for type hints: no import circle)
 
 #: Largest graph file read: far above any real graph, small enough to parse at once.
 MAX_GRAPH_BYTES = 1 << 20
@@ -342,7 +342,7 @@ def graph_name_problem(name: Any) -> str | None:
 COUNT, WHOLE, NUMBER, FRACTION, FLAG = "count", "whole", "number", "fraction", "flag"
 
 # They mirror the trainers' defaults (cfedit.image.train, cfedit.image.masked_training,
-# cfedit.evaluate), which import torch; tests/test_graph.py keeps the two in step.
+# cfedit.eval.run), which import torch; tests/test_graph.py keeps the two in step.
 MECHANISM_OPTIONS: dict[str, dict[str, Any]] = {
     "cvae": {"epochs": COUNT, "batch_size": COUNT, "lr": NUMBER, "lr_decay": FLAG, "width": COUNT,
              "latent": COUNT, "hidden": COUNT, "beta": NUMBER, "attr_weight": NUMBER, "swap_p": FRACTION,
@@ -750,7 +750,7 @@ def load_graph(path: str | Path) -> CausalGraph:
 def shipped_dir(kind: str) -> Path:
     """Folder of the shipped ``graphs`` or ``checkpoints``: the repository's when running from a
     checkout or an editable install, else the copy installed inside the package."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the cfedit package
     repo = here.parent / kind
     if repo.is_dir():
         return repo

@@ -15,10 +15,10 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cfedit.errors import QueryError  # re-exported: ``from cfedit.query import QueryError``
+from cfedit.errors import QueryError  # re-exported: ``from cfedit.causal.query import QueryError``
 
 if TYPE_CHECKING:
-    from cfedit.graph import CausalGraph
+    from cfedit.causal.graph import CausalGraph
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The common interface of feature-level causal models (the factor half of the ANCM).
 
-Every family — the neural causal model (:mod:`cfedit.ncm`), the exact canonical model
-(:mod:`cfedit.canonical`) and the baselines — implements :class:`FeatureModel`, so the editor and
+Every family — the neural causal model (:mod:`cfedit.features.ncm`), the exact canonical model
+(:mod:`cfedit.features.canonical`) and the baselines — implements :class:`FeatureModel`, so the editor and
 ``eval`` never care which one they hold. Factors are value indices in ``graph.names`` order.
 """
 
@@ -11,8 +11,8 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from cfedit.graph import CausalGraph
-from cfedit.query import Query
+from cfedit.causal.graph import CausalGraph
+from cfedit.causal.query import Query
 
 
 @runtime_checkable
@@ -91,19 +91,19 @@ FAMILIES = ("ncm", "canonical", "none", "conditional", "markovian")
 def make_feature_model(family: str, graph: CausalGraph) -> FeatureModel:
     """An unfitted feature model of a family (``--features``)."""
     if family == "ncm":
-        from cfedit.ncm import NCM
+        from cfedit.features.ncm import NCM
 
         return NCM(graph)
     if family == "canonical":
-        from cfedit.canonical import CanonicalModel
+        from cfedit.features.canonical import CanonicalModel
 
         return CanonicalModel(graph)
     if family == "markovian":
-        from cfedit.canonical import CanonicalModel
+        from cfedit.features.canonical import CanonicalModel
 
         return MarkovianModel(graph, CanonicalModel(graph.markovian_version()))
     if family in ("none", "conditional"):
-        from cfedit.baselines import ConditionalModel, NoCausalModel
+        from cfedit.features.baselines import ConditionalModel, NoCausalModel
 
         return (NoCausalModel if family == "none" else ConditionalModel)(graph)
     raise ValueError(f"unknown feature-model family {family!r} ({', '.join(FAMILIES)})")
@@ -114,7 +114,7 @@ def load_feature_model(graph: CausalGraph, config: Mapping[str, Any], arrays: Ma
     family = config.get("family")
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     if family == "markovian":
-        from cfedit.canonical import CanonicalModel
+        from cfedit.features.canonical import CanonicalModel
 
         inner = CanonicalModel.from_state(graph.markovian_version(), config["inner"], arrays)
         return MarkovianModel(graph, inner)

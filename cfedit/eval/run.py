@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from cfedit import metrics as M
-from cfedit.graph import CausalGraph
-from cfedit.query import Query, QueryError, parse_query
+from cfedit.eval import metrics as M
+from cfedit.causal.graph import CausalGraph
+from cfedit.causal.query import Query, QueryError, parse_query
 
-Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, info), as in cfedit.ancm
+Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, info), as in cfedit.editor.fit
 
 #: Factors whose intervention keeps the handwriting exemplar in Colored MNIST (a digit intervention
 #: draws another class's exemplar), so the ground-truth counterfactual image is comparable pixelwise.
@@ -297,7 +297,7 @@ def load_or_train_reader(graph: CausalGraph, path: str | Path | None = None, cac
 def with_features(model, family: str, seed: int = 0, fitted=None):
     """The same editor (image mechanism, labeller, P(V)) with another feature model: ``family`` from
     :data:`cfedit.features.FAMILIES` fitted to ``model.pv`` (or an already fitted ``fitted``)."""
-    from cfedit.ancm import ANCM
+    from cfedit.editor.fit import ANCM
     from cfedit.features import make_feature_model
 
     feats = fitted if fitted is not None else make_feature_model(family, model.graph).fit(model.pv, seed=seed)
@@ -309,7 +309,7 @@ def load_models(checkpoints: Sequence[str | Path], graph: CausalGraph | None = N
                 baselines: Sequence[str] = (), device: str = "cpu") -> dict[str, Any]:
     """``{name: ANCM}`` for eval: each checkpoint (named by its file stem) and, for each family in
     ``baselines``, the first checkpoint with that feature model (named by the family)."""
-    from cfedit.ancm import ANCM
+    from cfedit.editor.fit import ANCM
 
     models: dict[str, Any] = {}
     for p in checkpoints:
@@ -606,7 +606,7 @@ def evaluate(graph: CausalGraph, models: Mapping[str, Any], n: int = 2000, sampl
              pool_seed: int = 0, n_metrics: int = 500, factual: str = "labels",
              data: str | Path | None = None, root: str | Path | None = None, examples: int = 6,
              general: bool = True, margin: float = 0.01) -> EvalReport:
-    """Evaluate ``models`` (name -> :class:`cfedit.ancm.ANCM`) on ``graph``'s queries.
+    """Evaluate ``models`` (name -> :class:`cfedit.editor.fit.ANCM`) on ``graph``'s queries.
 
     - ``queries``: name -> text (or a list of texts); default: the graph's named queries.
     - ``n``: units per query, the first ``n`` of the ``pool`` test units (drawn with ``pool_seed``)
@@ -616,13 +616,13 @@ def evaluate(graph: CausalGraph, models: Mapping[str, Any], n: int = 2000, sampl
       evidence holds exactly); ``"labeller"`` lets each model read them with its own labeller.
     - ``n_metrics``: units for the general metrics (and realism); ``general=False`` skips them.
     - ``margin``: a gap between the estimate's interval and the bounds up to this size still counts
-      as inside (:func:`cfedit.metrics.verdict`); 0 for the strict reading.
+      as inside (:func:`cfedit.eval.metrics.verdict`); 0 for the strict reading.
     - ``reader``: the independent reader (default: :func:`load_or_train_reader`, cached per graph).
     - ``progress(stage, step, total, info)``: stages ``reader``, ``queries``, ``metrics``.
     """
-    from cfedit.bounds import BoundsError, compute_bounds
+    from cfedit.causal.bounds import BoundsError, compute_bounds
     from cfedit.data import dataset_for_graph
-    from cfedit.scm import scm_for_graph
+    from cfedit.causal.scm import scm_for_graph
 
     t0 = time.perf_counter()
     if factual not in ("labels", "labeller"):
@@ -759,7 +759,7 @@ def evaluate(graph: CausalGraph, models: Mapping[str, Any], n: int = 2000, sampl
 
 
 def scm_name_of(graph: CausalGraph) -> str:
-    from cfedit.scm import scm_name
+    from cfedit.causal.scm import scm_name
 
     return scm_name(graph) or graph.name
 

@@ -40,10 +40,10 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import linprog
 
-from cfedit.errors import BoundsError  # re-exported: ``from cfedit.bounds import BoundsError``
+from cfedit.errors import BoundsError  # re-exported: ``from cfedit.causal.bounds import BoundsError``
 from cfedit.files import human_size
-from cfedit.graph import CausalGraph
-from cfedit.query import Query, Term, parse_query
+from cfedit.causal.graph import CausalGraph
+from cfedit.causal.query import Query, Term, parse_query
 
 Coord = tuple[str, int]  # (variable, flat index of its parents' configuration)
 Monomial = dict  # Coord -> value index

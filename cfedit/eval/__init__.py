@@ -1,0 +1,1 @@
+"""``cfedit eval``: the independent reader, the evaluation run, the report and its renderers."""
