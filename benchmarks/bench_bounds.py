@@ -12,7 +12,7 @@ import argparse
 import time
 
 from cfedit.causal.bounds import BoundsError, compute_bounds
-from cfedit.causal.graph import load_graph, shipped_graphs
+from cfedit.causal.graph_file import load_graph, shipped_graphs
 from cfedit.causal.query import parse_query
 from cfedit.causal.scm import scm_for_graph
 

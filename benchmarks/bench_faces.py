@@ -24,7 +24,7 @@ import torch
 
 from cfedit.eval import metrics as M
 from cfedit.eval.run import evaluate, load_models, load_or_train_reader, write_edit_grid
-from cfedit.causal.graph import load_graph, shipped_dir
+from cfedit.causal.graph_file import load_graph, shipped_dir
 
 #: Boxes of the aligned 64x64 CelebA-HQ crop, (x0, y0, x1, y1) half-open, found on the mean held-out
 #: face: the eyes sit on rows 26-33 between columns 18 and 46, the mouth on rows 42-48.

@@ -26,7 +26,7 @@ import torch
 
 from cfedit.checkpoint import load_checkpoint, save_checkpoint
 from cfedit.data import BarMNIST, oracle_bar, oracle_color
-from cfedit.causal.graph import graph_from_dict
+from cfedit.causal.graph_file import graph_from_dict
 from cfedit.image import ImageMechanism, Labeller, train_image_mechanism, train_labeller
 
 BARS = {"effect_color": 0.99, "effect_bar": 0.99, "effect_digit": 0.95, "preserve": 0.99, "null_mae": 0.02,

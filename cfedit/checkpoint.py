@@ -21,7 +21,8 @@ import numpy as np
 from cfedit import __version__
 from cfedit.errors import CheckpointError, GraphError  # CheckpointError re-exported
 from cfedit.files import atomic_write_bytes, open_regular, read_regular  # atomic_write_bytes re-exported
-from cfedit.causal.graph import CausalGraph, graph_from_dict
+from cfedit.causal.graph import CausalGraph
+from cfedit.causal.graph_file import graph_from_dict
 
 FORMAT = "cfedit-checkpoint/1"
 #: Largest checkpoint (or training-state file) read; the shipped models are under 20 MiB.

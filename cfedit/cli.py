@@ -124,7 +124,7 @@ def graph_show(
     format: str = typer.Option("text", "--format", "-f", help="text | mermaid | dot | json"),
 ) -> None:
     """Print a graph's variables, edges and derived structure, or export its diagram."""
-    from cfedit.causal.graph import load_graph
+    from cfedit.causal.graph_file import load_graph
 
     g = load_graph(file)
     if format == "mermaid":
@@ -240,7 +240,7 @@ def bounds(
 ) -> None:
     """Optimal (sharp) bounds of counterfactual queries given the graph and P(V)."""
     from cfedit.causal.bounds import check_pv_size, compute_bounds
-    from cfedit.causal.graph import load_graph
+    from cfedit.causal.graph_file import load_graph
     from cfedit.causal.query import parse_query
     from cfedit.causal.scm import scm_for_graph
 
@@ -343,7 +343,7 @@ def fit(
     from cfedit.editor.fit import FitOptions, fit_ancm, partial_path
     from cfedit.features import FAMILIES
     from cfedit.files import check_writable
-    from cfedit.causal.graph import load_graph
+    from cfedit.causal.graph_file import load_graph
 
     if features not in FAMILIES:
         raise UsageFailure(f"--features: unknown family {features!r} ({', '.join(FAMILIES)})")
@@ -394,7 +394,7 @@ def find_shipped_checkpoint(variables: list[str], graph: str | None = None) -> P
     """The shipped checkpoint whose graph defines all of ``variables`` (unique, else an error);
     ``graph`` (a name or graph file) picks among several."""
     from cfedit.checkpoint import read_checkpoint_graph
-    from cfedit.causal.graph import load_graph, shipped_dir
+    from cfedit.causal.graph_file import load_graph, shipped_dir
 
     candidates = sorted(shipped_dir("checkpoints").glob("*.safetensors"))
     graphs = [(p, read_checkpoint_graph(p)) for p in candidates]
@@ -422,7 +422,7 @@ def edit_checkpoint(checkpoint: Optional[Path], graph: Optional[str], variables:
         return find_shipped_checkpoint(variables, graph)
     if graph is not None:
         from cfedit.checkpoint import read_checkpoint_graph
-        from cfedit.causal.graph import load_graph
+        from cfedit.causal.graph_file import load_graph
 
         want, have = load_graph(graph), read_checkpoint_graph(checkpoint)
         if want.structure_hash() != have.structure_hash():
@@ -579,7 +579,7 @@ def evaluate_cmd(
 
     from cfedit.eval.run import evaluate, load_models, load_or_train_reader, render_tables, report_to_json, write_outputs
     from cfedit.features import FAMILIES
-    from cfedit.causal.graph import load_graph, shipped_dir
+    from cfedit.causal.graph_file import load_graph, shipped_dir
     from cfedit.causal.query import parse_query
 
     g = load_graph(graph)

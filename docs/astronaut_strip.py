@@ -20,7 +20,7 @@ from PIL import Image
 
 from cfedit.editor.fit import ANCM
 from cfedit.checkpoint import atomic_write_bytes
-from cfedit.causal.graph import shipped_dir
+from cfedit.causal.graph_file import shipped_dir
 from cfedit.imageio import apply_change, read_image, read_original, side_by_side
 
 FACE = Path(__file__).resolve().parents[1] / "examples" / "astronaut_face.png"

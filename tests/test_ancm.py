@@ -11,7 +11,7 @@ from cfedit.editor.fit import ANCM, FitOptions, fit_ancm, partial_path
 from cfedit.checkpoint import CheckpointError, load_checkpoint
 from cfedit.cli import app
 from cfedit.data import BarMNIST
-from cfedit.causal.graph import load_graph
+from cfedit.causal.graph_file import load_graph
 
 TINY = dict(n_train=256, n_eval=64, epochs=1, labeller_epochs=1,
             mechanism_options={"batch_size": 64, "width": 8, "hidden": 32})

@@ -10,7 +10,7 @@ from scipy.optimize import linprog
 
 from cfedit.causal.bounds import Bounds, BoundsError, compute_bounds, effect_bounds, q_factors
 from cfedit.features import as_pv
-from cfedit.causal.graph import graph_from_dict, load_graph
+from cfedit.causal.graph_file import graph_from_dict, load_graph
 from cfedit.causal.query import QueryError, parse_query
 from cfedit.causal.scm import builtin_scm
 
@@ -263,7 +263,7 @@ def test_consistency_holds_when_the_data_break_the_graphs_independences():
     """P(b_{a=x}=y | a=x, b=y, c) = 1 by consistency, even where P(V) is not Markov to the graph
     (here c is a lone root but correlated with b): numerator and P(evidence) must come from the same
     factorisation of P(V)."""
-    from cfedit.causal.graph import graph_from_dict
+    from cfedit.causal.graph_file import graph_from_dict
 
     g = graph_from_dict({"name": "misfit", "variables": {"a": [0, 1], "b": [0, 1], "c": [0, 1]},
                          "edges": ["a -> b"]})

@@ -10,7 +10,7 @@ import pytest
 from cfedit.causal.bounds import compute_bounds
 from cfedit.features.canonical import CanonicalModel
 from cfedit.features import FeatureModel
-from cfedit.causal.graph import graph_from_dict, load_graph
+from cfedit.causal.graph_file import graph_from_dict, load_graph
 from cfedit.causal.query import parse_query
 from cfedit.causal.scm import builtin_scm
 

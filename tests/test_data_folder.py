@@ -9,7 +9,7 @@ from PIL import Image
 from cfedit.data import DataError, ImageFolderDataset, dataset_for_graph, heldout_split, load_labels
 from cfedit.data.barmnist import BarMNIST
 from cfedit.data.folder import folder_paths, read_label_table
-from cfedit.causal.graph import graph_from_dict
+from cfedit.causal.graph_file import graph_from_dict
 
 FACES = {
     "name": "faces",

@@ -14,7 +14,7 @@ from cfedit.editor.fit import ANCM, FitOptions, fit_ancm
 from cfedit.checkpoint import CheckpointError
 from cfedit.data import oracle_bar, oracle_color
 from cfedit.features import make_feature_model
-from cfedit.causal.graph import load_graph
+from cfedit.causal.graph_file import load_graph
 from cfedit.causal.scm import scm_for_graph
 
 TINY_READER = {"n": 3000, "epochs": 2, "width": 16, "hidden": 64, "n_test": 300}

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cfedit.editor.fit import ANCM, FitOptions, fit_ancm
 from cfedit.cli import app
-from cfedit.causal.graph import load_graph, shipped_dir
+from cfedit.causal.graph_file import load_graph, shipped_dir
 
 runner = CliRunner()
 FACE = "examples/astronaut_face.png"

@@ -4,7 +4,8 @@ import textwrap
 
 import pytest
 
-from cfedit.causal.graph import GraphError, graph_from_dict, load_graph, shipped_graphs
+from cfedit.causal.graph import GraphError
+from cfedit.causal.graph_file import graph_from_dict, load_graph, shipped_graphs
 
 GOOD = """\
 name: tiny
@@ -159,7 +160,7 @@ def test_recipe_options_match_the_trainers_defaults():
     options the trainers take, with kinds that fit their defaults."""
     from cfedit.editor import fit as ancm
     from cfedit.eval import run as evaluate
-    from cfedit.causal.graph import FIT_OPTIONS, MECHANISM_OPTIONS, READER_OPTIONS, option_problem
+    from cfedit.causal.recipes import FIT_OPTIONS, MECHANISM_OPTIONS, READER_OPTIONS, option_problem
     from cfedit.image.masked_training import MASKED_DEFAULTS
     from cfedit.image.train import LABELLER_DEFAULTS, MECHANISM_DEFAULTS
 

@@ -250,7 +250,7 @@ def test_alias_bomb_is_refused_before_it_is_expanded(tmp_path):
 
 
 def test_aliases_within_the_limit_still_work(tmp_path):
-    from cfedit.causal.graph import load_graph
+    from cfedit.causal.graph_file import load_graph
 
     p = write(tmp_path, "variables:\n  a: &v [no, yes]\n  b: *v\nedges: [a -> b]\n")
     assert load_graph(p).shape == (2, 2)
@@ -279,7 +279,7 @@ def test_markup_in_a_data_path_is_printed_as_written(tmp_path):
 
 def test_labels_and_codes_are_the_words_as_written(tmp_path):
     """YAML 1.1 reads off/on as booleans and 0x10 as 16; a label or code is what the user wrote."""
-    from cfedit.causal.graph import load_graph
+    from cfedit.causal.graph_file import load_graph
 
     p = write(tmp_path, "variables:\n  a: [off, on]\n  b: {values: [x, y], codes: {x: 0x10, y: '010'}}\n")
     g = load_graph(p)
@@ -288,7 +288,7 @@ def test_labels_and_codes_are_the_words_as_written(tmp_path):
 
 
 def test_a_name_made_from_the_file_name_is_a_valid_name(tmp_path):
-    from cfedit.causal.graph import load_graph
+    from cfedit.causal.graph_file import load_graph
 
     assert load_graph(write(tmp_path, "variables: {a: [x, y]}\n", "my graph (v2).yaml")).name == "my_graph_v2_"
     assert load_graph(write(tmp_path, "variables: {a: [x, y]}\n", "...yaml")).name == "graph"
@@ -301,7 +301,8 @@ def test_fit_never_builds_a_path_from_a_bad_graph_name(tmp_path):
 
 
 def test_domain_cap_and_file_size_cap_are_refused_before_building(tmp_path):
-    from cfedit.causal.graph import MAX_DOMAIN, MAX_GRAPH_BYTES, load_graph
+    from cfedit.causal.graph import MAX_DOMAIN
+    from cfedit.causal.graph_file import MAX_GRAPH_BYTES, load_graph
 
     values = ", ".join(f"v{i}" for i in range(MAX_DOMAIN))
     assert load_graph(write(tmp_path, f"variables:\n  a: [{values}]\n")).shape == (MAX_DOMAIN,)
@@ -325,7 +326,7 @@ def fifo(tmp_path) -> Path:
 def test_a_fifo_is_never_opened_as_graph_image_checkpoint_or_labels(fifo):
     from cfedit.checkpoint import load_checkpoint, read_checkpoint_graph
     from cfedit.data import load_labels
-    from cfedit.causal.graph import load_graph
+    from cfedit.causal.graph_file import load_graph
     from cfedit.imageio import read_image, read_original
 
     cases = [(GraphError, lambda: load_graph(fifo)), (ImageReadError, lambda: read_image(fifo, 28, 3)),
@@ -374,7 +375,7 @@ def test_zip_members_above_the_image_limit_are_not_unpacked(tmp_path, monkeypatc
     import zipfile
 
     import cfedit.data.folder as folder
-    from cfedit.causal.graph import graph_from_dict
+    from cfedit.causal.graph_file import graph_from_dict
 
     d = tmp_path / "d"
     d.mkdir()
@@ -497,7 +498,7 @@ def test_a_checkpoint_keeps_the_training_recipe_of_its_time(tmp_path):
     from safetensors import safe_open
 
     from cfedit.checkpoint import read_checkpoint_graph
-    from cfedit.causal.graph import graph_from_dict
+    from cfedit.causal.graph_file import graph_from_dict
 
     with safe_open(str(FRONTDOOR_CKPT), "pt") as f:
         graph = dict(json.loads(f.metadata()["graph"]), fit={"calibrate": True})
@@ -608,7 +609,7 @@ def test_bounds_over_30_binary_factors_are_refused_before_any_table(tmp_path):
 
 def test_bounds_size_limit_is_exact():
     from cfedit.causal.bounds import MAX_PV_CELLS, check_pv_size
-    from cfedit.causal.graph import graph_from_dict
+    from cfedit.causal.graph_file import graph_from_dict
 
     def binary(k: int):
         return graph_from_dict({"name": "b", "variables": {f"v{i}": ["no", "yes"] for i in range(k)}})
@@ -624,7 +625,7 @@ def test_bounds_size_limit_is_exact():
 # ==============================================================================================
 
 def test_long_and_strange_queries_are_one_short_line():
-    from cfedit.causal.graph import load_graph
+    from cfedit.causal.graph_file import load_graph
     from cfedit.causal.query import parse_query
 
     g = load_graph("backdoor")

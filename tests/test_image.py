@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cfedit.checkpoint import load_checkpoint, save_checkpoint
-from cfedit.causal.graph import graph_from_dict
+from cfedit.causal.graph_file import graph_from_dict
 from cfedit.image import ImageMechanism, Labeller, train_image_mechanism, train_labeller
 
 TINY_LAB = {"width": 8, "hidden": 32}
@@ -273,7 +273,7 @@ def test_adversarial_option_trains_a_discriminator_and_resumes_exactly(tmp_path)
     interrupted run resumed from that state equals the uninterrupted one."""
     import torch
 
-    from cfedit.causal.graph import graph_from_dict
+    from cfedit.causal.graph_file import graph_from_dict
     from cfedit.image import train_image_mechanism
 
     g = graph_from_dict({"name": "sq", "variables": {"a": ["x", "y"]}, "edges": [],

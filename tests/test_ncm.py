@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cfedit.features import FeatureModel, as_pv
-from cfedit.causal.graph import load_graph
+from cfedit.causal.graph_file import load_graph
 from cfedit.features.ncm import (
     NCM,
     NCMConfig,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cfedit.causal.graph import load_graph
+from cfedit.causal.graph_file import load_graph
 from cfedit.causal.query import QueryError, Term, parse_assignments, parse_query
 
 ROUND_TRIP = [

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cfedit.causal.graph import load_graph
+from cfedit.causal.graph_file import load_graph
 from cfedit.causal.query import QueryError, parse_query
 from cfedit.causal.scm import Exogenous, builtin_scm
 

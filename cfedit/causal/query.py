@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from cfedit.causal.graph import CausalGraph
 from cfedit.errors import QueryError  # re-exported: ``from cfedit.causal.query import QueryError``
-
-if TYPE_CHECKING:
-    from cfedit.causal.graph import CausalGraph
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from cfedit.causal.graph import CausalGraph, load_graph
+from cfedit.causal.graph import CausalGraph
+from cfedit.causal.graph_file import load_graph
 from cfedit.causal.query import Query, QueryError
 
 

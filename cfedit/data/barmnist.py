@@ -30,7 +30,8 @@ from cfedit.data.mnist import load_mnist
 from cfedit.features import as_pv
 from cfedit.files import atomic_write_bytes, read_regular
 from cfedit.imageio import image_grid, png_bytes
-from cfedit.causal.graph import CausalGraph, load_graph
+from cfedit.causal.graph import CausalGraph
+from cfedit.causal.graph_file import load_graph
 from cfedit.causal.scm import SCM, builtin_scm
 
 SETTINGS = ("backdoor", "frontdoor")
