@@ -17,9 +17,9 @@ import time
 import numpy as np
 import torch
 
-from cfedit.features import as_pv
+from cfedit.causal.pv import as_pv, total_variation
 from cfedit.causal.graph_file import load_graph
-from cfedit.features.ncm import NCM, NCMConfig, ncm_bounds, total_variation
+from cfedit.features.ncm import NCM, NCMConfig, ncm_bounds
 from cfedit.causal.query import parse_query
 from cfedit.causal.scm import builtin_scm
 

@@ -210,7 +210,7 @@ def data_barmnist(
 
 def observational_distribution(graph, data: Optional[Path]):
     """P(V) for bounds: from --data labels.csv (empirical), else the graph's own data source."""
-    from cfedit.features import as_pv
+    from cfedit.causal.pv import as_pv
     from cfedit.causal.scm import scm_for_graph, scm_name
 
     if data is not None:
@@ -239,7 +239,8 @@ def bounds(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Optimal (sharp) bounds of counterfactual queries given the graph and P(V)."""
-    from cfedit.causal.bounds import check_pv_size, compute_bounds
+    from cfedit.causal.pv import check_pv_size
+    from cfedit.causal.bounds import compute_bounds
     from cfedit.causal.graph_file import load_graph
     from cfedit.causal.query import parse_query
     from cfedit.causal.scm import scm_for_graph

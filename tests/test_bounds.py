@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import linprog
 
 from cfedit.causal.bounds import Bounds, BoundsError, compute_bounds, effect_bounds, q_factors
-from cfedit.features import as_pv
+from cfedit.causal.pv import as_pv
 from cfedit.causal.graph_file import graph_from_dict, load_graph
 from cfedit.causal.query import QueryError, parse_query
 from cfedit.causal.scm import builtin_scm

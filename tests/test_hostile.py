@@ -608,7 +608,7 @@ def test_bounds_over_30_binary_factors_are_refused_before_any_table(tmp_path):
 
 
 def test_bounds_size_limit_is_exact():
-    from cfedit.causal.bounds import MAX_PV_CELLS, check_pv_size
+    from cfedit.causal.pv import MAX_PV_CELLS, check_pv_size
     from cfedit.causal.graph_file import graph_from_dict
 
     def binary(k: int):

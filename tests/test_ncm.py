@@ -11,17 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from cfedit.features import FeatureModel, as_pv
+from cfedit.features import FeatureModel
+from cfedit.causal.pv import as_pv, total_variation
 from cfedit.causal.graph_file import load_graph
-from cfedit.features.ncm import (
-    NCM,
-    NCMConfig,
-    NCMError,
-    ZeroEvidenceError,
-    fit_extreme,
-    ncm_bounds,
-    total_variation,
-)
+from cfedit.features.ncm import NCM, NCMConfig, NCMError, ZeroEvidenceError, fit_extreme, ncm_bounds
 from cfedit.causal.query import QueryError, parse_query
 from cfedit.causal.scm import builtin_scm
 

@@ -41,7 +41,6 @@ import scipy.sparse as sp
 from scipy.optimize import linprog
 
 from cfedit.errors import BoundsError  # re-exported: ``from cfedit.causal.bounds import BoundsError``
-from cfedit.files import human_size
 from cfedit.causal.graph import CausalGraph
 from cfedit.causal.query import Query, Term, parse_query
 
@@ -52,19 +51,6 @@ CERTIFY_TOL = 1e-7
 _ZERO = 1e-15
 _MAX_MONOMIALS = 500_000
 _DENSE_LIMIT = 20_000_000  # entries of a dense constraint matrix for the row-space test
-#: Most joint configurations of the factors: the bounds work on P(V) as a dense table over them
-#: (2^24 cells are 128 MiB of float64; 30 binary factors would need 8 GiB).
-MAX_PV_CELLS = 1 << 24
-
-
-def check_pv_size(graph: CausalGraph) -> None:
-    """Refuse, before any table is built, a graph whose dense P(V) would exceed :data:`MAX_PV_CELLS`."""
-    cells = math.prod(graph.shape)
-    if cells > MAX_PV_CELLS:
-        raise BoundsError(
-            f"graph {graph.name!r} has {cells:,} joint configurations ({' x '.join(map(str, graph.shape))}); "
-            f"bounds need P(V) over all of them, {human_size(8 * cells)}, over the limit of {MAX_PV_CELLS:,} "
-            f"configurations ({human_size(8 * MAX_PV_CELLS)}): ask on a graph of fewer or smaller factors")
 
 
 @dataclass(frozen=True)

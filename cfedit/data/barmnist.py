@@ -27,7 +27,7 @@ import numpy as np
 
 from cfedit.data import DataError
 from cfedit.data.mnist import load_mnist
-from cfedit.features import as_pv
+from cfedit.causal.pv import as_pv
 from cfedit.files import atomic_write_bytes, read_regular
 from cfedit.imageio import image_grid, png_bytes
 from cfedit.causal.graph import CausalGraph

@@ -31,7 +31,7 @@ import numpy as np
 
 from cfedit.data import DataError
 from cfedit.data.mnist import default_cache_dir
-from cfedit.features import as_pv
+from cfedit.causal.pv import as_pv
 from cfedit.files import atomic_write_bytes, read_regular
 from cfedit.imageio import MAX_IMAGE_BYTES, ImageReadError, decode_image
 from cfedit.causal.graph import CausalGraph

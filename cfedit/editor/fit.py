@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from cfedit.causal.pv import cells, total_variation
 from cfedit.checkpoint import Checkpoint, CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from cfedit.features import FeatureModel, load_feature_model, make_feature_model
 from cfedit.causal.graph import CausalGraph
@@ -136,9 +137,7 @@ class ANCM:
         if bound is None:
             return self.features.counterfactual(factual, do_idx, n_samples=n_samples, seed=seed, unit_keys=unit_keys)
         out = np.empty((len(factual), n_samples, factual.shape[1]), dtype=np.int64)
-        rows, inverse = np.unique(factual, axis=0, return_inverse=True)
-        for r, row in enumerate(rows):
-            idx = np.flatnonzero(inverse.ravel() == r)
+        for r, row, idx in cells(factual):
             model = self.feature_model_for(row, do_idx, bound)
             if unit_keys is None:
                 out[idx] = model.counterfactual(factual[idx], do_idx, n_samples=n_samples, seed=seed + r)
@@ -385,7 +384,7 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
     mech.to("cpu")
     summary = {
         "features": o.features,
-        "tv_pv": float(0.5 * np.abs(features.joint() - pv).sum()),
+        "tv_pv": total_variation(features.joint(), pv),
         **{f"labeller_acc_{k}": v for k, v in labeller_accuracy(labeller, test, graph).items()},
         "null_edit_mae": null_edit_error(mech, test, residual=o.residual),
         "reconstruction_mae": null_edit_error(mech, test),

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from cfedit.causal.pv import cells
 from cfedit.eval import metrics as M
 from cfedit.causal.graph import CausalGraph
 from cfedit.causal.query import Query, QueryError, parse_query
@@ -541,10 +542,7 @@ def _edit(model, images: np.ndarray, factual: np.ndarray, do: Mapping[str, Any],
     ok = np.zeros(n, dtype=bool)
     cf = np.zeros((n, k, factual.shape[1]), dtype=np.int64)
     imgs = np.zeros((n, k, *images.shape[1:]), dtype=np.uint8)
-    rows, inverse = np.unique(factual, axis=0, return_inverse=True)
-    inverse = inverse.ravel()
-    for r_i in range(len(rows)):
-        idx = np.flatnonzero(inverse == r_i)
+    for r_i, _, idx in cells(factual):
         try:
             r = model.edit(images[idx], do, factual=factual[idx], n_samples=k, seed=seed + 7919 * (r_i + 1))
         except ValueError:

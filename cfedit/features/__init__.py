@@ -43,21 +43,6 @@ class FeatureModel(Protocol):
         """(JSON-able config, named arrays) for the checkpoint; :func:`load_feature_model` inverts it."""
 
 
-def as_pv(graph: CausalGraph, data: Any) -> np.ndarray:
-    """P(V) from an array of that shape, or from samples [n, k] of value indices (empirical)."""
-    arr = np.asarray(data)
-    if arr.shape == graph.shape and np.issubdtype(arr.dtype, np.floating):
-        total = arr.sum()
-        if not np.isclose(total, 1.0, atol=1e-6) or (arr < 0).any():
-            raise ValueError("P(V) must be non-negative and sum to 1")
-        return arr / total
-    if arr.ndim == 2 and arr.shape[1] == len(graph.names):
-        flat = np.ravel_multi_index(arr.T.astype(np.int64), graph.shape)
-        counts = np.bincount(flat, minlength=int(np.prod(graph.shape))).astype(float)
-        return (counts / counts.sum()).reshape(graph.shape)
-    raise ValueError(f"expected P(V) of shape {graph.shape} or samples of shape [n, {len(graph.names)}]")
-
-
 def unit_uniforms(seed: int, unit_keys: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
     """Uniforms in [0, 1), [len(unit_keys), *shape]: row i from its own stream
     ``np.random.default_rng([seed, unit_keys[i]])``.

@@ -49,7 +49,8 @@ from cfedit.causal.bounds import (
     parent_index,
     solve_bounds,
 )
-from cfedit.features import as_pv, categorical, check_unit_keys, unit_uniforms
+from cfedit.causal.pv import as_pv, cells
+from cfedit.features import categorical, check_unit_keys, unit_uniforms
 from cfedit.causal.graph import CausalGraph
 from cfedit.causal.query import Query, parse_query
 
@@ -345,10 +346,7 @@ class CanonicalModel:
         cols = [g.axis(v) for v in order]
         rng = np.random.default_rng(seed)
         per_unit = None if unit_keys is None else unit_uniforms(seed, unit_keys, (n_samples,))
-        uniq, inverse = np.unique(fact, axis=0, return_inverse=True)
-        inverse = inverse.ravel()
-        for u, row in enumerate(uniq):
-            units = np.flatnonzero(inverse == u)
+        for _, row, units in cells(fact):
             outcomes, p = self._outcomes(tuple(int(x) for x in row), do_idx, order)
             if per_unit is None:
                 draw = rng.choice(len(p), size=(len(units), n_samples), p=p)

@@ -66,6 +66,7 @@ import torch
 from torch import nn
 
 from cfedit.causal.bounds import Bounds
+from cfedit.causal.pv import total_variation
 from cfedit.features import categorical, check_unit_keys, unit_uniforms
 from cfedit.causal.graph import CausalGraph
 from cfedit.causal.query import Query, QueryError, parse_query
@@ -668,19 +669,6 @@ class NCM:
 # ----------------------------------------------------------------------------------------------
 # Module-level helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def total_variation(p: np.ndarray, q: np.ndarray) -> float:
-    return float(0.5 * np.abs(np.asarray(p, dtype=np.float64) - np.asarray(q, dtype=np.float64)).sum())
-
-
-def fit_ncm(graph: CausalGraph, pv: np.ndarray, seed: int = 0, config: NCMConfig | None = None) -> NCM:
-    """Fit the default NCM to P(V)."""
-    return NCM(graph, config, seed=seed).fit(pv)
-
-
-def from_state(graph: CausalGraph, config: Mapping[str, Any], arrays: Mapping[str, Any]) -> NCM:
-    return NCM.from_state(graph, config, arrays)
 
 
 def _query_prob_torch(model: NCM, spec_te: _Spec, spec_e: _Spec | None, cdfs, tau: float = 0.0) -> torch.Tensor:
