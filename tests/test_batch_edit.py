@@ -110,7 +110,7 @@ def test_one_factual_cell_gives_independent_draws_at_the_models_probability(tmp_
 def test_an_images_draws_do_not_depend_on_the_others_of_its_batch(model):
     from cfedit.features.baselines import ConditionalModel
     from cfedit.features.canonical import CanonicalModel
-    from cfedit.features import MarkovianModel
+    from cfedit.features.baselines import MarkovianModel
     from cfedit.features.ncm import NCM, NCMConfig
 
     g = model.graph

@@ -4,9 +4,9 @@
   editing does (the paper's CVAE baseline; at the factor level also CGN's independent mechanisms).
 - ``conditional``: conditioning instead of intervening. The other factors are resampled from
   P(V | X = x′): the spurious-correlation failure ("older → more often male").
-- ``markovian`` lives in :mod:`cfedit.features.canonical`'s terms: the graph with every bidirected edge
-  oriented along the topological order (DEAR's no-confounding assumption), then a canonical model
-  of that graph fitted to P(V) — see :func:`markovian_model`.
+- ``markovian`` (:class:`MarkovianModel`): the graph with every bidirected edge oriented along the
+  topological order (DEAR's no-confounding assumption), then a canonical model of that graph fitted
+  to P(V).
 
 All implement :class:`cfedit.features.FeatureModel`.
 """
@@ -17,7 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cfedit.features import categorical, check_unit_keys, unit_uniforms
+from cfedit.features.base import FeatureModel
+from cfedit.features.streams import categorical, check_unit_keys, unit_uniforms
 from cfedit.causal.graph import CausalGraph
 from cfedit.causal.query import Query, QueryError
 from cfedit.causal.scm import all_assignments
@@ -139,3 +140,32 @@ class ConditionalModel(_TableModel):
             raise QueryError(f"P({', '.join(f'{k}={v}' for k, v in do.items())}) is zero in the data: "
                              "the conditional baseline cannot condition on it")
         return probs / probs.sum()
+
+
+class MarkovianModel:
+    """DEAR's assumption: the graph with its bidirected edges oriented along the topological order,
+    fitted as a Markovian canonical model. Queries and edits are asked in the original graph's terms
+    (same variables, same value indices), answered by the Markovian model."""
+
+    family = "markovian"
+
+    def __init__(self, graph: CausalGraph, inner: FeatureModel):
+        self.graph, self.inner = graph, inner
+
+    def fit(self, pv: np.ndarray, seed: int = 0) -> "MarkovianModel":
+        self.inner.fit(pv, seed=seed)
+        return self
+
+    def joint(self) -> np.ndarray:
+        return self.inner.joint()
+
+    def counterfactual(self, factual, do, n_samples: int = 1, seed: int = 0,
+                       unit_keys: Sequence[int] | None = None) -> np.ndarray:
+        return self.inner.counterfactual(factual, do, n_samples=n_samples, seed=seed, unit_keys=unit_keys)
+
+    def prob(self, query: Query) -> float:
+        return self.inner.prob(query)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        config, arrays = self.inner.state()
+        return {"family": "markovian", "inner": config}, arrays

@@ -50,7 +50,7 @@ from cfedit.causal.bounds import (
     solve_bounds,
 )
 from cfedit.causal.pv import as_pv, cells
-from cfedit.features import categorical, check_unit_keys, unit_uniforms
+from cfedit.features.streams import categorical, check_unit_keys, unit_uniforms
 from cfedit.causal.graph import CausalGraph
 from cfedit.causal.query import Query, parse_query
 

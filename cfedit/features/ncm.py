@@ -67,7 +67,7 @@ from torch import nn
 
 from cfedit.causal.bounds import Bounds
 from cfedit.causal.pv import total_variation
-from cfedit.features import categorical, check_unit_keys, unit_uniforms
+from cfedit.features.streams import categorical, check_unit_keys, unit_uniforms
 from cfedit.causal.graph import CausalGraph
 from cfedit.causal.query import Query, QueryError, parse_query
 
