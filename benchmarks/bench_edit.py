@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfedit.editor.fit import ANCM
-from cfedit.checkpoint import atomic_write_bytes
+from cfedit.editor import ANCM
+from cfedit.files import atomic_write_bytes
 from cfedit.data import BarMNIST, write_barmnist
 from cfedit.imageio import png_bytes, read_image, side_by_side
 

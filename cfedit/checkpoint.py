@@ -20,7 +20,7 @@ import numpy as np
 
 from cfedit import __version__
 from cfedit.errors import CheckpointError, GraphError  # CheckpointError re-exported
-from cfedit.files import atomic_write_bytes, open_regular, read_regular  # atomic_write_bytes re-exported
+from cfedit.files import atomic_write_bytes, open_regular, read_regular
 from cfedit.causal.graph import CausalGraph
 from cfedit.causal.graph_file import graph_from_dict
 

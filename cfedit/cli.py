@@ -208,26 +208,6 @@ def data_barmnist(
 # ----------------------------------------------------------------------------------------------
 
 
-def observational_distribution(graph, data: Optional[Path]):
-    """P(V) for bounds: from --data labels.csv (empirical), else the graph's own data source."""
-    from cfedit.causal.pv import as_pv
-    from cfedit.causal.scm import scm_for_graph, scm_name
-
-    if data is not None:
-        from cfedit.data import load_labels
-
-        return as_pv(graph, load_labels(graph, data)), f"empirical, {data}"
-    scm = scm_for_graph(graph)
-    if scm is not None:
-        return scm.joint(), f"exact, from the built-in SCM '{scm_name(graph)}'"
-    if graph.data:
-        from cfedit.data import dataset_for_graph
-
-        ds = dataset_for_graph(graph, split="train")
-        return ds.pv(), f"empirical, {len(ds)} training rows of the graph's data"
-    raise UsageFailure(f"{graph.source}: the graph has no 'data:' entry; give --data labels.csv")
-
-
 @app.command()
 @handles_errors
 def bounds(
@@ -240,6 +220,7 @@ def bounds(
 ) -> None:
     """Optimal (sharp) bounds of counterfactual queries given the graph and P(V)."""
     from cfedit.causal.pv import check_pv_size
+    from cfedit.data import observational_pv
     from cfedit.causal.bounds import compute_bounds
     from cfedit.causal.graph_file import load_graph
     from cfedit.causal.query import parse_query
@@ -253,7 +234,8 @@ def bounds(
         raise UsageFailure(f"{g.source}: the graph names no queries; give --query \"P(...)\"")
     parsed = [(name, parse_query(text).validate(g)) for name, text in named]
     check_pv_size(g)  # before P(V) is built from any source
-    pv, pv_source = observational_distribution(g, data)
+    observed = observational_pv(g, labels=data)
+    pv, pv_source = observed.pv, observed.source
     truth = scm_for_graph(g) if data is None else None
 
     rows = []
@@ -495,7 +477,7 @@ def edit(
     keep_size: bool = typer.Option(False, "--keep-size", help="Write outputs at the input's own size: the model's change is upsampled and added to the original."),
 ) -> None:
     """Edit images counterfactually, in batches; one JSON line per output on stdout and in <out>/edits.jsonl."""
-    from cfedit.editor.fit import ANCM
+    from cfedit.editor import ANCM
     from cfedit.editor.batch import BatchEditError, EditRequest, Shard, edit_files, gather_inputs
     from cfedit.causal.query import parse_assignments
 

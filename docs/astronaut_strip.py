@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cfedit.editor.fit import ANCM
-from cfedit.checkpoint import atomic_write_bytes
+from cfedit.editor import ANCM
+from cfedit.files import atomic_write_bytes
 from cfedit.causal.graph_file import shipped_dir
 from cfedit.imageio import apply_change, read_image, read_original, side_by_side
 

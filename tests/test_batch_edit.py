@@ -11,7 +11,7 @@ from PIL import Image
 from scipy.stats import binom
 from typer.testing import CliRunner
 
-from cfedit.editor.fit import ANCM
+from cfedit.editor import ANCM
 from cfedit.editor.batch import EditRequest, Shard, Unit, edit_files, gather_inputs
 from cfedit.cli import app
 from cfedit.causal.query import parse_query

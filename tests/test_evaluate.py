@@ -10,7 +10,8 @@ from PIL import Image
 from rich.console import Console
 
 from cfedit.eval import run as E
-from cfedit.editor.fit import ANCM, FitOptions, fit_ancm
+from cfedit.editor import ANCM
+from cfedit.editor.fit import FitOptions, fit_ancm
 from cfedit.checkpoint import CheckpointError
 from cfedit.data import oracle_bar, oracle_color
 from cfedit.features import make_feature_model

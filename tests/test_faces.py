@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cfedit.editor.fit import ANCM, FitOptions, fit_ancm
+from cfedit.editor import ANCM
+from cfedit.editor.fit import FitOptions, fit_ancm
 from cfedit.cli import app
 from cfedit.causal.graph_file import load_graph, shipped_dir
 

@@ -1,4 +1,5 @@
-"""Data sources: the MNIST files, the Colored-MNIST-with-bars generator, labelled image folders.
+"""Data sources: the MNIST files, Colored MNIST with bars (with its ground-truth SCMs), labelled image
+folders, and where a graph's data and P(V) come from (:mod:`cfedit.data.sources`).
 
 Everything here raises :class:`DataError` for problems a user can fix (a missing file, a bad
 label); its message is one line, ready for ``cfedit: error: ...``.
@@ -6,12 +7,7 @@ label); its message is one line, ready for ``cfedit: error: ...``.
 
 from __future__ import annotations
 
-
-from cfedit.errors import DataError  # re-exported: ``from cfedit.data import DataError``
-
-# Submodules import DataError from here, so it is imported before they are.
-from cfedit.data.mnist import default_cache_dir, load_mnist, mnist_root  # noqa: E402
-from cfedit.data.barmnist import (  # noqa: E402
+from cfedit.data.barmnist import (
     BarMNIST,
     WriteSummary,
     oracle_bar,
@@ -20,13 +16,10 @@ from cfedit.data.barmnist import (  # noqa: E402
     render_barmnist,
     write_barmnist,
 )
-from cfedit.data.folder import (  # noqa: E402
-    ImageFolderDataset,
-    dataset_for_graph,
-    heldout_split,
-    load_labels,
-    read_label_table,
-)
+from cfedit.data.folder import ImageFolderDataset, heldout_split, load_labels, read_label_table
+from cfedit.data.mnist import default_cache_dir, load_mnist, mnist_root
+from cfedit.data.sources import GroundTruth, ObservationalPV, dataset_for_graph, ground_truth, observational_pv
+from cfedit.errors import DataError  # re-exported: ``from cfedit.data import DataError``
 
 __all__ = [
     "DataError",
@@ -45,4 +38,8 @@ __all__ = [
     "heldout_split",
     "load_labels",
     "read_label_table",
+    "GroundTruth",
+    "ObservationalPV",
+    "ground_truth",
+    "observational_pv",
 ]

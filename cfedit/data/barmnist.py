@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cfedit.data import DataError
+from cfedit.errors import DataError
 from cfedit.data.mnist import load_mnist
 from cfedit.causal.pv import as_pv
 from cfedit.files import atomic_write_bytes, read_regular
@@ -37,6 +37,11 @@ from cfedit.causal.scm import SCM, builtin_scm
 SETTINGS = ("backdoor", "frontdoor")
 SPLITS = ("train", "test")
 BAR_ROWS = 4  # rows 0..3 carry the bar
+#: Factors the pixels decide exactly (:func:`oracle_factors` reads them).
+ORACLE_FACTORS = ("color", "bar")
+#: Factors whose intervention keeps the handwriting exemplar (a digit intervention draws another
+#: class's exemplar), so the ground-truth counterfactual image is comparable pixelwise.
+EXACT_COUNTERFACTUALS = ("color", "bar")
 # color and bar value indices in the shipped graphs: color [green, red], bar [no, yes]
 GREEN, RED = 0, 1
 NO, YES = 0, 1

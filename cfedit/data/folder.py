@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cfedit.data import DataError
+from cfedit.errors import DataError
 from cfedit.data.mnist import default_cache_dir
 from cfedit.causal.pv import as_pv
 from cfedit.files import atomic_write_bytes, read_regular
@@ -414,48 +414,3 @@ def folder_paths(data: str | Path) -> tuple[Path, Path]:
             raise DataError(f"{d}: several image zips ({_few([z.name for z in zips])}); pass one of them")
         images = zips[0] if zips else d
     return images, labels
-
-
-def dataset_for_graph(graph: CausalGraph, split: str = "train", n: int | None = None, seed: int = 0,
-                      data: str | Path | None = None, root: str | Path | None = None,
-                      size: int | None = None, disk_cache: bool = False):
-    """The data set a graph trains or evaluates on: a folder given by ``data``, else the graph's
-    ``data:`` entry — ``{barmnist: backdoor}`` (generated; ``root`` is the MNIST root), or
-    ``{folder: path}`` / ``{images: path, labels: path}`` (relative to the graph file; environment
-    variables such as ``$CFEDIT_DATA`` are expanded).
-
-    For folders, ``split`` picks :func:`heldout_split`'s rows and ``n`` a seeded subset of them.
-    """
-    if split not in ("train", "test"):
-        raise DataError(f"unknown split {split!r} (use train or test)")
-    spec = dict(graph.data or {})
-    if data is None and "barmnist" in spec:
-        from cfedit.data.barmnist import BarMNIST
-
-        return BarMNIST(str(spec["barmnist"]), split, n or (60000 if split == "train" else 10000), seed,
-                        root, graph=graph)
-    if data is not None:
-        images, labels = folder_paths(data)
-    elif "folder" in spec or "labels" in spec:
-        base = Path(graph.source).parent if graph.source and Path(graph.source).is_file() else Path.cwd()
-        def rel(x) -> Path:  # $VARIABLES and ~ expand (e.g. $CFEDIT_DATA/faces/celebahq64)
-            text = os.path.expandvars(str(x))
-            if "$" in text:
-                raise DataError(f"{graph.source or graph.name}: data path {x!r} names an environment variable "
-                                f"that is not set; set it or pass --data FOLDER")
-            p = Path(os.path.expanduser(text))
-            return p if p.is_absolute() else base / p
-        if "folder" in spec:
-            images, labels = folder_paths(rel(spec["folder"]))
-        else:
-            labels = rel(spec["labels"])
-            images = rel(spec["images"]) if "images" in spec else folder_paths(labels)[0]
-    else:
-        raise DataError(f"graph {graph.name!r} names no data (no 'data:' entry); pass --data FOLDER "
-                        f"with images and a labels.csv")
-    train, test = heldout_split(len(read_label_table(labels)))
-    rows = train if split == "train" else test
-    if n is not None and n < len(rows):
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(rows, size=int(n), replace=False))
-    return ImageFolderDataset(graph, images, labels, size=size, indices=rows, disk_cache=disk_cache)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfedit.data import DataError
+from cfedit.errors import DataError
 
 ENV_VAR = "CFEDIT_DATA"
 

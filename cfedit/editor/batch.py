@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from cfedit.checkpoint import atomic_write_bytes
+from cfedit.files import atomic_write_bytes
 from cfedit.imageio import IMAGE_SUFFIXES, ImageReadError, apply_change, png_bytes, read_image, read_original, side_by_side
 
 MANIFEST = "edits.jsonl"

@@ -46,11 +46,6 @@ from cfedit.causal.query import Query, QueryError, parse_query
 
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, info), as in cfedit.editor.fit
 
-#: Factors whose intervention keeps the handwriting exemplar in Colored MNIST (a digit intervention
-#: draws another class's exemplar), so the ground-truth counterfactual image is comparable pixelwise.
-EXEMPLAR_KEEPING = ("color", "bar")
-#: Factors the pixels decide exactly in Colored MNIST (:func:`cfedit.data.oracle_factors`).
-ORACLE_FACTORS = ("color", "bar")
 COMPOSITION_CYCLES = (1, 10)
 #: Cells per side of the grid of ``by_value.change_grid``: the first of these that divides the image side.
 CHANGE_GRID = (8, 7, 4, 2, 1)
@@ -174,9 +169,11 @@ class Reader:
 
 
 def _oracle_names(graph: CausalGraph, oracle: bool | None) -> tuple[str, ...]:
-    if oracle is None:  # auto: the Colored-MNIST world, where color and bar are drawn by fixed rules
-        oracle = "barmnist" in (graph.data or {})
-    return tuple(n for n in ORACLE_FACTORS if n in graph) if oracle else ()
+    """The factors pixel oracles read: those the graph's data decides exactly, unless ``oracle`` is False
+    (None: automatic; True: on wherever the data has them)."""
+    from cfedit.data import ground_truth
+
+    return ground_truth(graph).oracle_factors if oracle is not False else ()
 
 
 def _accuracy(pred: np.ndarray, true: np.ndarray, graph: CausalGraph) -> dict[str, float]:
@@ -298,19 +295,19 @@ def load_or_train_reader(graph: CausalGraph, path: str | Path | None = None, cac
 def with_features(model, family: str, seed: int = 0, fitted=None):
     """The same editor (image mechanism, labeller, P(V)) with another feature model: ``family`` from
     :data:`cfedit.features.FAMILIES` fitted to ``model.pv`` (or an already fitted ``fitted``)."""
-    from cfedit.editor.fit import ANCM
+    from cfedit.editor import ANCM
     from cfedit.features import make_feature_model
 
     feats = fitted if fitted is not None else make_feature_model(family, model.graph).fit(model.pv, seed=seed)
     info = {**dict(model.info or {}), "features": feats.family, "derived_from": model.info.get("features")}
-    return ANCM(model.graph, feats, model.mechanism, model.labeller, model.pv, info, residual=model.residual)
+    return ANCM(model.graph, feats, model.mechanism, model.labeller, model.pv, info, model.policy)
 
 
 def load_models(checkpoints: Sequence[str | Path], graph: CausalGraph | None = None,
                 baselines: Sequence[str] = (), device: str = "cpu") -> dict[str, Any]:
     """``{name: ANCM}`` for eval: each checkpoint (named by its file stem) and, for each family in
     ``baselines``, the first checkpoint with that feature model (named by the family)."""
-    from cfedit.editor.fit import ANCM
+    from cfedit.editor import ANCM
 
     models: dict[str, Any] = {}
     for p in checkpoints:
@@ -619,8 +616,8 @@ def evaluate(graph: CausalGraph, models: Mapping[str, Any], n: int = 2000, sampl
     - ``progress(stage, step, total, info)``: stages ``reader``, ``queries``, ``metrics``.
     """
     from cfedit.causal.bounds import BoundsError, compute_bounds
-    from cfedit.data import dataset_for_graph
     from cfedit.causal.scm import scm_for_graph
+    from cfedit.data import dataset_for_graph, ground_truth, observational_pv
 
     t0 = time.perf_counter()
     if factual not in ("labels", "labeller"):
@@ -642,13 +639,13 @@ def evaluate(graph: CausalGraph, models: Mapping[str, Any], n: int = 2000, sampl
     ds = dataset_for_graph(graph, "test", pool, pool_seed, data, root)
     images, labels = np.asarray(ds.images), np.asarray(ds.factors, dtype=np.int64)
     # a user's folder (``data``) has its own P(V), not the built-in SCM's
-    scm = scm_for_graph(graph) if data is None else None
-    first = next(iter(models.values()))
-    if scm is not None:
-        pv_ref, bounds_source = scm.joint(), f"true P(V) of the {scm_name_of(graph)} SCM"
-    else:
-        pv_ref, bounds_source = first.pv, f"P(V) model {next(iter(models))!r} was fitted to"
-    has_gt = hasattr(ds, "counterfactual") and scm is not None
+    observed = observational_pv(graph, data=data, root=root, fitted=next(iter(models.values())).pv)
+    scm = scm_for_graph(graph) if observed.exact else None
+    pv_ref = observed.pv
+    bounds_source = (f"true P(V) of the {scm_name_of(graph)} SCM" if observed.exact
+                     else f"P(V) model {next(iter(models))!r} was fitted to")
+    exact_cf = ground_truth(graph, data).exact_counterfactuals
+    has_gt = bool(exact_cf)
     read_real = reader.read(images) if parsed else None
     bounds_cache: dict[tuple, Any] = {}
 
@@ -746,7 +743,7 @@ def evaluate(graph: CausalGraph, models: Mapping[str, Any], n: int = 2000, sampl
     realism: dict = {"features": REALISM_NOTE, "dim": reader.info.feature_dim if reader.info else None}
     if general:
         metrics, realism = _general_metrics(graph, models, reader, ds, images, labels, n_metrics, seed, factual,
-                                            has_gt, report, realism)
+                                            exact_cf, report, realism)
     return EvalReport(
         graph=graph.name, models=list(models), families={k: m.features.family for k, m in models.items()},
         n=n, samples=samples, seed=seed, pool=len(labels), factual=factual, margin=margin,
@@ -787,7 +784,7 @@ def _shift_one_pixel(images: np.ndarray) -> np.ndarray:
     return np.concatenate([images[..., :1], images[..., :-1]], axis=-1)
 
 
-def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metrics, seed, factual, has_gt,
+def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metrics, seed, factual, exact_cf,
                      report, realism) -> tuple[list[ModelMetrics], dict]:
 
     n_all = len(labels)
@@ -828,7 +825,7 @@ def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metric
             cf_f = np.zeros((n_m, len(graph.names)), dtype=np.int64)
             cf_i = np.zeros_like(x0)
             ok = np.zeros(n_m, dtype=bool)
-            gt_i = np.zeros_like(x0) if has_gt and xname in EXEMPLAR_KEEPING else None
+            gt_i = np.zeros_like(x0) if xname in exact_cf else None
             gt_f = np.zeros_like(cf_f)
             for val in np.unique(new_values[xname]):
                 g_idx = np.flatnonzero(new_values[xname] == val)
@@ -1068,7 +1065,7 @@ def write_chart(report: EvalReport, path: str | Path, width: int = 760) -> Path:
     outside the bounds but inside that frame is orange."""
     from PIL import Image, ImageDraw
 
-    from cfedit.checkpoint import atomic_write_bytes
+    from cfedit.files import atomic_write_bytes
 
     qrs = [q for q in report.queries if q.results]
     font, small = _font(13), _font(11)
@@ -1147,7 +1144,7 @@ def write_grid(report: EvalReport, path: str | Path, scale: int = 2, blocks_per_
     laid out ``blocks_per_row`` across."""
     from PIL import Image, ImageDraw
 
-    from cfedit.checkpoint import atomic_write_bytes
+    from cfedit.files import atomic_write_bytes
 
     qrs = [q for q in report.queries if q.examples.get("factual") is not None and len(q.examples["factual"])]
     font, small = _font(13), _font(11)
@@ -1230,7 +1227,7 @@ def write_edit_grid(model, images: np.ndarray, factual: np.ndarray, edits: Seque
     """:func:`edit_grid` as a PNG, a row per image, magnified ``scale`` times (nearest neighbour)."""
     from PIL import Image, ImageDraw
 
-    from cfedit.checkpoint import atomic_write_bytes
+    from cfedit.files import atomic_write_bytes
 
     titles, grid = edit_grid(model, images, factual, edits, seed)
     n, k, c, size = grid.shape[0], grid.shape[1], grid.shape[2], grid.shape[-1]
@@ -1256,7 +1253,7 @@ def write_edit_grid(model, images: np.ndarray, factual: np.ndarray, edits: Seque
 
 def write_outputs(report: EvalReport, out: str | Path) -> dict[str, Path]:
     """``out/report.json``, ``out/chart.png``, ``out/grid.png``; returns their paths."""
-    from cfedit.checkpoint import atomic_write_bytes
+    from cfedit.files import atomic_write_bytes
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
