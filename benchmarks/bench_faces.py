@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cfedit.eval import metrics as M
-from cfedit.eval.run import evaluate, load_models, load_or_train_reader, write_edit_grid
+from cfedit.eval import evaluate, load_models, load_or_train_reader, write_edit_grid
 from cfedit.causal.graph_file import load_graph, shipped_dir
 
 #: Boxes of the aligned 64x64 CelebA-HQ crop, (x0, y0, x1, y1) half-open, found on the mean held-out

@@ -560,7 +560,7 @@ def evaluate_cmd(
     """Measure ctf-consistency: estimates read off the edited images against the optimal bounds."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cfedit.eval.run import evaluate, load_models, load_or_train_reader, render_tables, report_to_json, write_outputs
+    from cfedit.eval import evaluate, load_models, load_or_train_reader, render_tables, report_to_json, write_outputs
     from cfedit.features import FAMILIES
     from cfedit.causal.graph_file import load_graph, shipped_dir
     from cfedit.causal.query import parse_query

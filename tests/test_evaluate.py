@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from cfedit.eval import run as E
+import cfedit.eval as E
+from cfedit.eval.run import _kept_ceiling
 from cfedit.editor import ANCM
 from cfedit.editor.fit import FitOptions, fit_ancm
 from cfedit.checkpoint import CheckpointError
@@ -333,7 +334,7 @@ def test_kept_ceiling_is_one_minus_the_readers_shift_between_real_strata():
     read[10:12, 1] = 1
     factual = np.array([[0, 0]] * 3 + [[0, 1]])
     new = np.array([1, 1, 1, 1])
-    assert E._kept_ceiling(read, labels, 0, 1, factual, new, 2) == pytest.approx(1 - (3 * 0.2 + 0) / 4)
+    assert _kept_ceiling(read, labels, 0, 1, factual, new, 2) == pytest.approx(1 - (3 * 0.2 + 0) / 4)
     # a stratum with no real image on one side is left out; none at all gives None
-    assert E._kept_ceiling(read[:20], labels[:20], 0, 1, factual, new, 2) == pytest.approx(0.8)
-    assert E._kept_ceiling(read[:10], labels[:10], 0, 1, factual, new, 2) is None
+    assert _kept_ceiling(read[:20], labels[:20], 0, 1, factual, new, 2) == pytest.approx(0.8)
+    assert _kept_ceiling(read[:10], labels[:10], 0, 1, factual, new, 2) is None

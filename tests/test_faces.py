@@ -81,7 +81,7 @@ def test_a_tiny_masked_face_model_trains_on_the_real_folder(tmp_path, celebahq):
 @pytest.fixture(scope="module")
 def face_report(celebahq):
     """The shipped face model evaluated on the 3,000 held-out faces by an independently trained reader."""
-    from cfedit.eval.run import evaluate, load_or_train_reader
+    from cfedit.eval import evaluate, load_or_train_reader
 
     g = load_graph("celeba")
     model = ANCM.load(shipped_dir("checkpoints") / "celeba.safetensors")

@@ -159,7 +159,7 @@ def test_recipe_options_match_the_trainers_defaults():
     """graph.py checks fit:/reader: at load without importing torch; its tables must name exactly the
     options the trainers take, with kinds that fit their defaults."""
     from cfedit.editor import fit as ancm
-    from cfedit.eval import run as evaluate
+    from cfedit.eval import reader as evaluate
     from cfedit.causal.recipes import FIT_OPTIONS, MECHANISM_OPTIONS, READER_OPTIONS, option_problem
     from cfedit.image.masked_training import MASKED_DEFAULTS
     from cfedit.image.train import LABELLER_DEFAULTS, MECHANISM_DEFAULTS

@@ -22,8 +22,7 @@ from cfedit.editor.model import ANCM
 from cfedit.editor.policy import EditPolicy, redraw
 from cfedit.features import make_feature_model
 from cfedit.files import atomic_write_bytes
-
-Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
+from cfedit.progress import Progress
 
 
 @dataclass
