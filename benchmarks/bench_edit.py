@@ -1,14 +1,13 @@
-"""Edit throughput: the library in memory, the CLI from a PNG folder to PNG pairs plus manifest (the
-batched pipeline), the per-image path the CLI had before it for comparison, and faces end to end.
+"""Edit throughput: the library in memory, a file-level run from a PNG folder to PNG pairs plus manifest
+(the batched pipeline of ``cfedit edit``), the per-image path the CLI had before it for comparison, and faces end to end.
 
     python benchmarks/bench_edit.py [--threads 1] [--n 2000] [--cli-n 10000] [--per-image-n 200]
                                     [--faces-checkpoint checkpoints/celeba.safetensors] [--faces-n 512]
-                                    [--before DIR]
 
-Digits come from BarMNIST (MNIST under $CFEDIT_DATA), faces from $CFEDIT_DATA/faces/celebahq64.
-``--before DIR`` also times the ``cfedit edit`` of another source tree (e.g. ``git archive`` of an
-earlier commit) on the per-image subset. Figures, not asserts; ``--threads`` sets torch's threads here
-and OMP_NUM_THREADS of the CLI processes.
+Digits come from BarMNIST (MNIST under $CFEDIT_DATA), faces from $CFEDIT_DATA/faces/celebahq64. The
+file-level runs call :func:`cfedit.editor.run.edit_images`, the function behind ``cfedit edit``, in
+this process (start-up of the interpreter is not counted). Figures, not asserts; ``--threads`` sets
+torch's threads.
 """
 
 from __future__ import annotations
@@ -17,9 +16,6 @@ import argparse
 import io
 import json
 import os
-import re
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
@@ -28,28 +24,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cfedit.causal.query import parse_assignments
 from cfedit.editor import ANCM
+from cfedit.editor.run import edit_images
+from cfedit.errors import CfeditError
 from cfedit.files import atomic_write_bytes
 from cfedit.data import BarMNIST, write_barmnist
 from cfedit.imageio import png_bytes, read_image, side_by_side
 
 
-def cli_edit(inputs: Path, out: Path, checkpoint: str, do: str, threads: int, tree: str | None = None) -> tuple[float, float | None]:
-    """Wall seconds of one ``cfedit edit`` process (start-up and model loading included), and the
-    files/s its own summary line reports for the editing alone (None when it prints none). ``tree``:
-    run the cfedit of that source tree instead of this one."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    if tree:
-        env["PYTHONPATH"] = tree
+def file_edit(inputs: Path, out: Path, checkpoint: str, do: str) -> tuple[float, float]:
+    """Wall seconds of one file-level edit run (:func:`cfedit.editor.run.edit_images`, what ``cfedit edit``
+    calls; model loading included), and the files/s of the editing alone."""
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "cfedit", "edit", str(inputs), "--set", do, "-c", checkpoint,
-                        "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                       cwd=tree)
+    summary = edit_images([inputs], parse_assignments(do, "--set"), out, checkpoint=checkpoint)
     wall = time.perf_counter() - t
-    if r.returncode != 0:
-        raise RuntimeError(f"cfedit edit failed ({r.returncode}): {r.stderr.strip()[-300:]}")
-    m = re.search(r"([\d,.]+) files/s", r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "")
-    return wall, float(m.group(1).replace(",", "")) if m else None
+    return wall, summary.edited / max(summary.seconds, 1e-9)
 
 
 def per_image_path(model: ANCM, paths: list[Path], out: Path, do: dict) -> float:
@@ -93,11 +83,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default="checkpoints/backdoor.safetensors")
     ap.add_argument("--n", type=int, default=2000, help="edits in memory through the library")
-    ap.add_argument("--cli-n", type=int, default=10000, help="PNG files the batched CLI edits")
+    ap.add_argument("--cli-n", type=int, default=10000, help="PNG files the batched file-level run edits")
     ap.add_argument("--per-image-n", type=int, default=200, help="files the per-image path edits")
     ap.add_argument("--faces-checkpoint", default="checkpoints/celeba.safetensors")
     ap.add_argument("--faces-n", type=int, default=512)
-    ap.add_argument("--before", default=None, help="source tree whose cfedit edit to time on the per-image subset")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -122,26 +111,15 @@ def main() -> None:
         tmp = Path(tmp)
         write_barmnist(setting, a.cli_n, split="test", seed=2, out=tmp / "in")
         n_files = a.cli_n + 1  # the folder also holds grid.png
-        wall, rate = cli_edit(tmp / "in", tmp / "out", ck, "color=red", a.threads)
+        wall, rate = file_edit(tmp / "in", tmp / "out", ck, "color=red")
         lines = len((tmp / "out" / "edits.jsonl").read_text().splitlines())
-        print(f"CLI, batched: {n_files} PNG files -> pairs + manifest ({lines} records): {n_files / wall:,.1f} files/s "
-              f"end to end in {wall:.1f} s (start-up and model loading included); {rate:,.1f} files/s editing")
+        print(f"file-level, batched: {n_files} PNG files -> pairs + manifest ({lines} records): {n_files / wall:,.1f} "
+              f"files/s end to end in {wall:.1f} s (model loading included); {rate:,.1f} files/s editing")
 
         paths = sorted((tmp / "in").glob("*.png"))[:a.per_image_n]
-        sub = tmp / "sub"
-        sub.mkdir()
-        for p in paths:
-            (sub / p.name).write_bytes(p.read_bytes())
         secs = per_image_path(model, paths, tmp / "per_image", do)
-        print(f"per-image path (the CLI's loop before batching, in process): {len(paths) / secs:,.1f} files/s; "
-              f"batched CLI editing / per-image: {rate / (len(paths) / secs):,.1f}x")
-        if a.before:
-            before = str(Path(a.before).resolve())
-            wall_b, _ = cli_edit(sub, tmp / "out_before", ck, "color=red", a.threads, tree=before)
-            wall_n, _ = cli_edit(sub, tmp / "out_now", ck, "color=red", a.threads)
-            print(f"CLI of {before} on {len(paths)} files: {len(paths) / wall_b:,.1f} files/s end to end; "
-                  f"this CLI on the same files: {len(paths) / wall_n:,.1f} files/s ({wall_b / wall_n:,.1f}x, "
-                  f"start-up and model loading included in both)")
+        print(f"per-image path (the CLI's loop before batching): {len(paths) / secs:,.1f} files/s; "
+              f"batched editing / per-image: {rate / (len(paths) / secs):,.1f}x")
 
         faces = face_folder(a.faces_n, tmp / "faces")
         if faces is None:
@@ -150,8 +128,8 @@ def main() -> None:
             fck = str(Path(a.faces_checkpoint).resolve())
             for edit in ("age=old", "smiling=yes"):
                 try:
-                    wall, rate = cli_edit(faces, tmp / f"faces_{edit}", fck, edit, a.threads)
-                except RuntimeError as e:
+                    wall, rate = file_edit(faces, tmp / f"faces_{edit}", fck, edit)
+                except CfeditError as e:
                     print(f"faces (64x64, {Path(fck).name}): {e}")
                     break
                 print(f"faces (64x64, {Path(fck).name}), --set {edit}: {a.faces_n / wall:,.1f} files/s end to end "

@@ -284,23 +284,6 @@ def bounds(
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str) -> str:
-    """--device auto|cpu|cuda|cuda:N → a torch device string (auto: cuda when available)."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise UsageFailure(f"--device: unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
-    if d.type not in ("cpu", "cuda"):
-        raise UsageFailure(f"--device: {device!r} is not one cfedit runs on (auto, cpu, cuda, cuda:N)")
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise UsageFailure(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
-    return device
-
-
 @app.command()
 @handles_errors
 def fit(
@@ -323,6 +306,7 @@ def fit(
     """Train the feature model, image mechanism and labeller; write one checkpoint."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from cfedit.device import resolve_device
     from cfedit.editor.fit import FitOptions, fit_ancm, partial_path
     from cfedit.features import FAMILIES
     from cfedit.files import check_writable
@@ -371,47 +355,6 @@ def fit(
     for k, v in summary.items():
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(t)
-
-
-def find_shipped_checkpoint(variables: list[str], graph: str | None = None) -> Path:
-    """The shipped checkpoint whose graph defines all of ``variables`` (unique, else an error);
-    ``graph`` (a name or graph file) picks among several."""
-    from cfedit.checkpoint import read_checkpoint_graph
-    from cfedit.causal.graph_file import load_graph, shipped_dir
-
-    candidates = sorted(shipped_dir("checkpoints").glob("*.safetensors"))
-    graphs = [(p, read_checkpoint_graph(p)) for p in candidates]
-    if graph is not None:
-        want = load_graph(graph)
-        graphs = [(p, g) for p, g in graphs if g.structure_hash() == want.structure_hash()] or [
-            (p, g) for p, g in graphs if g.name == want.name]
-        if not graphs:
-            raise UsageFailure(f"no shipped checkpoint was trained on graph {want.name!r}; pass --checkpoint PATH")
-    match = [p for p, g in graphs if all(v in g for v in variables)]
-    listing = ", ".join(f"{p.name} ({', '.join(g.names)})" for p, g in graphs) or "none"
-    if not match:
-        raise UsageFailure(f"no shipped checkpoint has the variable(s) {', '.join(variables)} "
-                           f"(shipped: {listing}); pass --checkpoint PATH")
-    if len(match) > 1:
-        raise UsageFailure(f"several shipped checkpoints have {', '.join(variables)}: "
-                           f"{', '.join(p.name for p in match)}; pick one with --graph NAME or --checkpoint PATH")
-    return match[0]
-
-
-def edit_checkpoint(checkpoint: Optional[Path], graph: Optional[str], variables: list[str]) -> Path:
-    """The checkpoint ``edit`` uses: ``--checkpoint``, refused when ``--graph`` names another graph than
-    the one it was trained on; else the shipped one with the variables (``--graph`` picks among several)."""
-    if checkpoint is None:
-        return find_shipped_checkpoint(variables, graph)
-    if graph is not None:
-        from cfedit.checkpoint import read_checkpoint_graph
-        from cfedit.causal.graph_file import load_graph
-
-        want, have = load_graph(graph), read_checkpoint_graph(checkpoint)
-        if want.structure_hash() != have.structure_hash():
-            raise UsageFailure(f"{checkpoint} was trained on graph {have.name!r}, which differs from --graph {graph} "
-                               f"({want.name!r}); pass a checkpoint of that graph, or drop --graph")
-    return checkpoint
 
 
 class EditProgress:
@@ -477,32 +420,9 @@ def edit(
     keep_size: bool = typer.Option(False, "--keep-size", help="Write outputs at the input's own size: the model's change is upsampled and added to the original."),
 ) -> None:
     """Edit images counterfactually, in batches; one JSON line per output on stdout and in <out>/edits.jsonl."""
-    from cfedit.editor import ANCM
-    from cfedit.editor.batch import BatchEditError, EditRequest, Shard, edit_files, gather_inputs
     from cfedit.causal.query import parse_assignments
-
-    do = parse_assignments(set_, "--set")
-    if not do:
-        raise UsageFailure("--set: give at least one intervention, e.g. --set color=red")
-    giv = parse_assignments(given or "", "--given")
-    if bound not in (None, "lower", "upper"):
-        raise UsageFailure(f"--bound: expected lower or upper, not {bound!r}")
-    if resume and force:
-        raise UsageFailure("--resume keeps what an earlier run wrote and --force overwrites it: choose one")
-    try:
-        part = Shard.parse(shard) if shard else Shard.from_torchrun() or Shard()
-    except BatchEditError as e:
-        raise UsageFailure(str(e)) from None
-    ck_path = edit_checkpoint(checkpoint, graph, list(do) + list(giv))
-    dev = resolve_device(device)
-    if dev == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process of a node
-        dev = f"cuda:{os.environ['LOCAL_RANK']}"
-    model = ANCM.load(ck_path, device=dev)
-    for k, v in list(do.items()) + list(giv.items()):
-        model.graph[k].index(v)  # validates name and value against the checkpoint's graph
-    units, problems = gather_inputs(images, exclude=out_dir)
-    for p in problems:
-        err_console.print(f"cfedit: error: {p}", markup=False, highlight=False)
+    from cfedit.editor.batch import Shard
+    from cfedit.editor.run import edit_images
 
     notes: dict[str, int] = {}
 
@@ -515,16 +435,17 @@ def edit(
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
-    request = EditRequest(do, giv, samples, seed, bound, residual, keep_size)
+    def problem(message: str) -> None:
+        err_console.print(f"cfedit: error: {message}", markup=False, highlight=False)
+
+    part = Shard.parse(shard) if shard else Shard.from_torchrun() or Shard()
     label = "edit" if part.count == 1 else f"edit (shard {part})"
-    try:
-        with EditProgress(label) as progress:
-            summary = edit_files(model, units, out_dir, request, source=str(ck_path), batch_size=batch_size,
-                                 shard=part, resume=resume, force=force, workers=workers, on_line=line,
-                                 on_problem=lambda m: err_console.print(f"cfedit: error: {m}", markup=False, highlight=False),
-                                 on_note=note, progress=progress)
-    except BatchEditError as e:
-        raise UsageFailure(str(e)) from None
+    with EditProgress(label) as progress:
+        summary = edit_images(images, parse_assignments(set_, "--set"), out_dir,
+                              given=parse_assignments(given or "", "--given"), samples=samples, seed=seed,
+                              checkpoint=checkpoint, graph=graph, bound=bound, residual=residual, keep_size=keep_size,
+                              batch_size=batch_size, workers=workers, shard=part, resume=resume, force=force,
+                              device=device, on_line=line, on_problem=problem, on_note=note, progress=progress)
     repeats = sum(notes.values()) - len(notes)
     if repeats:
         err_console.print(f"note: {repeats} more inputs were converted in the same ways (not listed)", markup=False)
@@ -534,7 +455,7 @@ def edit(
                           f"{rate:,.1f} files/s" + (f"; {summary.resumed} finished earlier" if summary.resumed else "")
                           + (f"; {summary.failed} unreadable" if summary.failed else "") + f"; manifest {summary.manifest}",
                           markup=False, highlight=False)
-    if problems or summary.failed:
+    if summary.problems or summary.failed:
         raise typer.Exit(1)
 
 
@@ -562,7 +483,9 @@ def evaluate_cmd(
 
     from cfedit.eval import evaluate, load_models, load_or_train_reader, render_tables, report_to_json, write_outputs
     from cfedit.features import FAMILIES
-    from cfedit.causal.graph_file import load_graph, shipped_dir
+    from cfedit.causal.graph_file import load_graph
+    from cfedit.device import resolve_device
+    from cfedit.editor.shipped import shipped_checkpoint
     from cfedit.causal.query import parse_query
 
     g = load_graph(graph)
@@ -570,12 +493,7 @@ def evaluate_cmd(
     for b in fams:
         if b not in FAMILIES:
             raise UsageFailure(f"--baselines: unknown family {b!r} ({', '.join(FAMILIES)})")
-    paths = list(checkpoint or [])
-    if not paths:
-        shipped = shipped_dir("checkpoints") / f"{g.name}.safetensors"
-        if not shipped.exists():
-            raise UsageFailure(f"no shipped checkpoint for graph {g.name!r}; pass --checkpoint PATH (see cfedit fit)")
-        paths = [shipped]
+    paths = list(checkpoint or []) or [shipped_checkpoint(g)]
     queries = dict(g.queries)
     for i, text in enumerate(query or []):
         parse_query(text).validate(g)

@@ -53,3 +53,12 @@ class ImageReadError(CfeditError, ValueError):
 
 class DestinationError(CfeditError, ValueError):
     """An output path cannot be written: read-only, full, missing, or not a folder."""
+
+
+class DeviceError(CfeditError, ValueError):
+    """A device that is not known or not available here (``--device``)."""
+
+
+class BatchEditError(CfeditError, ValueError):
+    """A batch edit run that cannot start as asked: colliding outputs, existing outputs, a bad shard, a
+    resume that does not match the run it would finish."""

@@ -41,17 +41,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from cfedit.errors import BatchEditError  # re-exported: ``from cfedit.editor.batch import BatchEditError``
 from cfedit.files import atomic_write_bytes
 from cfedit.imageio import IMAGE_SUFFIXES, ImageReadError, apply_change, png_bytes, read_image, read_original, side_by_side
 
 MANIFEST = "edits.jsonl"
 #: Values per batch the default batch size aims at (28x28 RGB digits: 256 a batch; 64x64 faces: 32).
 BATCH_VALUES = 2 ** 19
-
-
-class BatchEditError(ValueError):
-    """A batch run that cannot start as asked: colliding outputs, existing outputs, a bad shard, a resume
-    that does not match the run it would finish."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +124,8 @@ class EditRequest:
 @dataclass(frozen=True)
 class EditSummary:
     """What a run did: ``inputs`` of this shard, of which ``edited`` now, ``resumed`` (finished by an
-    earlier run) and ``failed`` (unreadable, skipped); ``outputs`` counterfactual images written."""
+    earlier run) and ``failed`` (unreadable, skipped); ``outputs`` counterfactual images written;
+    ``problems``: the inputs that could not be gathered (missing paths, folders without images)."""
 
     inputs: int
     edited: int
@@ -137,6 +134,7 @@ class EditSummary:
     outputs: int
     seconds: float
     manifest: Path | None
+    problems: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------
