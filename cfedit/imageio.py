@@ -101,20 +101,27 @@ def decode_image(data: bytes, size: int, channels: int, where: str = "image") ->
     A non-square image is center-cropped to a square first (faces and digits sit in the middle),
     then resized with Lanczos; the mode is converted to RGB or grayscale.
     """
-    from PIL import Image
-
     im, notes = _open_in_mode(data, channels, where)
     with _decoding(where):
-        w, h = im.size
-        if w != h:
-            left, top, s = center_square(w, h)
-            im = im.crop((left, top, left + s, top + s))
-            notes.append(f"center-cropped {w}x{h} -> {s}x{s}")
-        if im.size != (size, size):
-            notes.append(f"resized {im.size[0]}x{im.size[1]} -> {size}x{size}")
-            im = im.resize((size, size), Image.Resampling.LANCZOS)
-        arr = _chw(im, channels)
+        arr = model_view(im, size, channels, notes)
     return arr, ("; ".join(notes) or None)
+
+
+def model_view(im, size: int, channels: int, notes: list[str] | None = None) -> np.ndarray:
+    """What the model sees of a PIL image already in its mode: the center square resized (Lanczos) to
+    ``size``, uint8 [channels, size, size]; what was done is appended to ``notes``."""
+    from PIL import Image
+
+    notes = [] if notes is None else notes
+    w, h = im.size
+    if w != h:
+        left, top, s = center_square(w, h)
+        im = im.crop((left, top, left + s, top + s))
+        notes.append(f"center-cropped {w}x{h} -> {s}x{s}")
+    if im.size != (size, size):
+        notes.append(f"resized {im.size[0]}x{im.size[1]} -> {size}x{size}")
+        im = im.resize((size, size), Image.Resampling.LANCZOS)
+    return _chw(im, channels)
 
 
 def _read_bytes(path: str | Path) -> bytes:

@@ -163,6 +163,19 @@ class ANCM:
         imgs = self.transform(images, v, cf.reshape(n * k, -1), residual=residual).reshape(n, k, *images.shape[1:])
         return EditResult(v, cf, imgs, self.graph.value_indices(do))
 
+    def apply(self, images: Any, do: Mapping[str, str | int], given: Mapping[str, str | int] | None = None,
+              samples: int = 1, seed: int = 0, bound: str | None = None, residual: bool | None = None) -> Any:
+        """Edit images as the caller holds them and return the same type: PIL images (any size; the
+        result has the input's size), float tensors or arrays in [0, 1] NCHW, or uint8 arrays at the
+        model's size (:mod:`cfedit.editor.convert`). Image i draws from its own stream keyed by
+        (``seed``, i); with ``samples`` > 1 the samples follow the image axis."""
+        from cfedit.editor.convert import to_model
+
+        x, restore = to_model(images, self.graph, samples)
+        r = self.edit(x, do, given=given, n_samples=samples, seed=seed, bound=bound, residual=residual,
+                      unit_keys=range(len(x)))
+        return restore(r.images)
+
     def transform(self, images: np.ndarray, factual: np.ndarray, counterfactual: np.ndarray,
                   residual: bool | None = None) -> np.ndarray:
         """The image side of an edit: uint8 images [n, C, S, S] with factual factors [n, k] redrawn
