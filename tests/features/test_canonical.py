@@ -14,7 +14,7 @@ from cfedit.causal.graph_file import graph_from_dict, load_graph
 from cfedit.causal.query import parse_query
 from cfedit.causal.scm import builtin_scm
 
-from test_bounds import EXTRA, KNOWN
+from tests.causal.test_bounds import EXTRA, KNOWN
 
 NAMES = ("backdoor", "frontdoor")
 POINTS = ("independent", "comonotone")

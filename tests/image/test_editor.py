@@ -1,5 +1,5 @@
 """The masked editor (cfedit.image.editor) and its adversarial training (cfedit.image.masked_training),
-on the synthetic squares world of test_image.py: a 3x3 or 6x6 square in the red or green channel."""
+on the synthetic squares world of test_mechanism.py: a 3x3 or 6x6 square in the red or green channel."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from cfedit.image import MaskedEditor, mechanism_from_config
 from cfedit.image.masked_training import AttributeDiscriminator, train_masked_editor
-from tests.test_image import Squares
+from tests.image.test_mechanism import Squares
 
 TINY = {"width": 8, "blocks": 1, "d_width": 8, "batch_size": 16}
 

@@ -16,7 +16,7 @@ from cfedit.editor.batch import EditRequest, Shard, Unit, edit_files, gather_inp
 from cfedit.cli import app
 from cfedit.causal.query import parse_query
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO / "checkpoints" / "backdoor.safetensors"
 DIGITS = sorted((REPO / "examples").glob("digit*.png"))
 runner = CliRunner()
