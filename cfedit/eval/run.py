@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,6 @@ def evaluate(graph: CausalGraph, models: Mapping[str, Any], n: int = 2000, sampl
     - ``reader``: the independent reader (default: :func:`load_or_train_reader`, cached per graph).
     - ``progress(stage, step, total, info)``: stages ``reader``, ``queries``, ``metrics``.
     """
-    from cfedit.causal.bounds import BoundsError, compute_bounds
     from cfedit.causal.scm import scm_for_graph
     from cfedit.data import dataset_for_graph, ground_truth, observational_pv
 
@@ -161,120 +160,154 @@ def evaluate(graph: CausalGraph, models: Mapping[str, Any], n: int = 2000, sampl
         reader.check_independent(m, name)
 
     ds = dataset_for_graph(graph, "test", pool, pool_seed, data, root)
-    images, labels = np.asarray(ds.images), np.asarray(ds.factors, dtype=np.int64)
     # a user's folder (``data``) has its own P(V), not the built-in SCM's
     observed = observational_pv(graph, data=data, root=root, fitted=next(iter(models.values())).pv)
-    scm = scm_for_graph(graph) if observed.exact else None
-    pv_ref = observed.pv
+    run = _Run(graph, models, reader, ds, np.asarray(ds.images), np.asarray(ds.factors, dtype=np.int64),
+               scm_for_graph(graph) if observed.exact else None, observed.pv,
+               ground_truth(graph, data).exact_counterfactuals, samples, seed, factual, margin, examples)
     bounds_source = (f"true P(V) of the {scm_name_of(graph)} SCM" if observed.exact
                      else f"P(V) model {next(iter(models))!r} was fitted to")
-    exact_cf = ground_truth(graph, data).exact_counterfactuals
-    has_gt = bool(exact_cf)
-    read_real = reader.read(images) if parsed else None
-    bounds_cache: dict[tuple, Any] = {}
+    read_real = reader.read(run.images) if parsed else None
 
-    def bounds_of(pv: np.ndarray, q: Query):
-        key = (hashlib.sha1(np.ascontiguousarray(pv, dtype=np.float64).tobytes()).hexdigest(), str(q))
-        if key not in bounds_cache:
-            try:
-                bounds_cache[key] = compute_bounds(graph, pv, q)
-            except (BoundsError, QueryError, ValueError) as e:
-                bounds_cache[key] = e
-        return bounds_cache[key]
-
-    # -- queries --------------------------------------------------------------------------------
     query_reports: list[QueryReport] = []
     total_q = len(parsed) * len(models)
-    step = 0
     for qi, (qname, q) in enumerate(parsed.items()):
-        why = _unsupported(q)
-        do = dict(q.targets[0].interventions) if not why else {}
-        qr = QueryReport(qname, str(q), do, None, None, None, None, None, 0, 0, None, None)
-        query_reports.append(qr)
-        if why:
-            qr.skipped = why
-            step += len(models)
-            report("queries", step, total_q, {"query": qname, "skipped": why})
-            continue
-        b = bounds_of(pv_ref, q)
-        if isinstance(b, Exception):
-            qr.note = f"no bounds: {b}"
-        else:
-            qr.lower, qr.upper, qr.method, qr.certified = float(b.lower), float(b.upper), b.method, bool(b.certified)
-        if scm is not None:
-            try:
-                qr.truth = float(scm.prob(q))
-            except (QueryError, ValueError) as e:
-                qr.note = (qr.note + "; " if qr.note else "") + f"no true value: {e}"
-        truth_e = _target_hits(graph, q, labels)
-        read_e = _target_hits(graph, q, read_real)
-        qr.reader_tpr = _opt(float(read_e[truth_e].mean()) if truth_e.any() else float("nan"))
-        qr.reader_fpr = _opt(float(read_e[~truth_e].mean()) if (~truth_e).any() else float("nan"))
-        if qr.lower is not None:
-            tpr = 1.0 if qr.reader_tpr is None else qr.reader_tpr
-            fpr = 0.0 if qr.reader_fpr is None else qr.reader_fpr
-            if tpr > fpr:
-                qr.reader_lower, qr.reader_upper = fpr + (tpr - fpr) * qr.lower, fpr + (tpr - fpr) * qr.upper
-        match = np.flatnonzero(_evidence_mask(graph, q, labels))
-        qr.n_matching = len(match)
-        idx = match[:n]
-        qr.n_used = len(idx)
-        if len(idx) == 0:
-            qr.skipped = f"no test unit among {len(labels)} matches the evidence (draw a larger pool)"
-            step += len(models)
-            report("queries", step, total_q, {"query": qname, "skipped": qr.skipped})
-            continue
-        ex = idx[:examples]
-        qr.examples = {"factual": images[ex], "models": {}}
-        if has_gt:
-            qr.examples["truth"] = ds.counterfactual(ex, do)[1]
-        for name, m in models.items():
-            v = _factual_of(m, images[idx], labels[idx], factual)
-            e = _edit(m, images[idx], v, do, samples, seed + 101 * qi)
-            if e.ok.any():
-                k_read = reader.read(e.images.reshape(-1, *images.shape[1:])).reshape(*e.counterfactual.shape)
-                est = M.estimate_proportion(_target_hits(graph, q, k_read))
-                feat_value = float(_target_hits(graph, q, e.counterfactual).mean())
-            else:
-                est = M.Estimate(float("nan"), 0.0, 1.0, 0, samples, 0.0)
-                feat_value = float("nan")
-            ver = ver_r = None
-            if qr.lower is not None and e.ok.any():
-                ver = M.verdict(est.lower, est.upper, qr.lower, qr.upper, est.value, margin)
-                if qr.reader_lower is not None:
-                    ver_r = M.verdict(est.lower, est.upper, qr.reader_lower, qr.reader_upper, est.value, margin)
-            try:
-                model_value = float(m.features.prob(q))
-            except (QueryError, ValueError, RuntimeError, NotImplementedError, AttributeError):
-                model_value = None
-            own = bounds_of(m.pv, q)
-            own_l, own_u = (None, None) if isinstance(own, Exception) else (float(own.lower), float(own.upper))
-            note = None if e.ok.all() else (f"{int((~e.ok).sum())} of {len(idx)} units have factual factors of "
-                                            "probability zero under the model and were not edited")
-            qr.results.append(QueryEstimate(name, est.value, est.lower, est.upper, est.n_units, est.n_samples,
-                                            est.n_eff, ver, ver_r, feat_value, model_value, own_l, own_u,
-                                            int((~e.ok).sum()), note))
-            ok_ex = e.ok[:len(ex)]
-            pos = np.cumsum(e.ok) - 1
-            shown = np.zeros((len(ex), *images.shape[1:]), dtype=np.uint8)
-            shown[ok_ex] = e.images[pos[:len(ex)][ok_ex], 0]
-            qr.examples["models"][name] = shown
-            step += 1
-            report("queries", step, total_q, {"query": qname, "model": name})
+        def step(info: dict, done: int = len(models), _base=len(query_reports) * len(models)) -> None:
+            report("queries", _base + done, total_q, {"query": qname, **info})
+        query_reports.append(_query_report(run, qi, qname, q, n, read_real, step))
 
-    # -- general metrics ------------------------------------------------------------------------
     metrics: list[ModelMetrics] = []
     realism: dict = {"features": REALISM_NOTE, "dim": reader.info.feature_dim if reader.info else None}
     if general:
-        metrics, realism = _general_metrics(graph, models, reader, ds, images, labels, n_metrics, seed, factual,
-                                            exact_cf, report, realism)
+        metrics, realism = _general_metrics(run, n_metrics, report, realism)
     return EvalReport(
         graph=graph.name, models=list(models), families={k: m.features.family for k, m in models.items()},
-        n=n, samples=samples, seed=seed, pool=len(labels), factual=factual, margin=margin,
+        n=n, samples=samples, seed=seed, pool=len(run.labels), factual=factual, margin=margin,
         bounds_source=bounds_source,
-        truth_source=(f"the {scm_name_of(graph)} SCM" if scm is not None else None),
+        truth_source=(f"the {scm_name_of(graph)} SCM" if run.scm is not None else None),
         reader=reader.info, queries=query_reports, metrics=metrics, realism=realism,
         seconds=round(time.perf_counter() - t0, 2))
+
+
+@dataclass
+class _Run:
+    """What one evaluation works on: the models, the reader, the test pool and the reference P(V)."""
+
+    graph: CausalGraph
+    models: Mapping[str, Any]
+    reader: Reader
+    ds: Any
+    images: np.ndarray  # the test pool, uint8 [n, C, S, S]
+    labels: np.ndarray  # its factors [n, k]
+    scm: Any  # the known SCM of the data (true values), or None
+    pv_ref: np.ndarray  # the P(V) of the bounds (cfedit.data.observational_pv)
+    exact_cf: tuple[str, ...]  # interventions with ground-truth counterfactual images
+    samples: int
+    seed: int
+    factual: str
+    margin: float
+    examples: int
+    bounds_cache: dict = field(default_factory=dict)
+
+    def bounds_of(self, pv: np.ndarray, q: Query):
+        """The bounds of ``q`` under ``pv`` (cached), or the exception that says why there are none."""
+        from cfedit.causal.bounds import BoundsError, compute_bounds
+
+        key = (hashlib.sha1(np.ascontiguousarray(pv, dtype=np.float64).tobytes()).hexdigest(), str(q))
+        if key not in self.bounds_cache:
+            try:
+                self.bounds_cache[key] = compute_bounds(self.graph, pv, q)
+            except (BoundsError, QueryError, ValueError) as e:
+                self.bounds_cache[key] = e
+        return self.bounds_cache[key]
+
+
+def _query_report(run: _Run, qi: int, qname: str, q: Query, n: int, read_real: np.ndarray,
+                  step: Callable[..., None]) -> QueryReport:
+    """One query: its bounds, true value and reader rates, and each model's estimate on its units."""
+    graph, labels, images = run.graph, run.labels, run.images
+    why = _unsupported(q)
+    do = dict(q.targets[0].interventions) if not why else {}
+    qr = QueryReport(qname, str(q), do, None, None, None, None, None, 0, 0, None, None)
+    if why:
+        qr.skipped = why
+        step({"skipped": why})
+        return qr
+    b = run.bounds_of(run.pv_ref, q)
+    if isinstance(b, Exception):
+        qr.note = f"no bounds: {b}"
+    else:
+        qr.lower, qr.upper, qr.method, qr.certified = float(b.lower), float(b.upper), b.method, bool(b.certified)
+    if run.scm is not None:
+        try:
+            qr.truth = float(run.scm.prob(q))
+        except (QueryError, ValueError) as e:
+            qr.note = (qr.note + "; " if qr.note else "") + f"no true value: {e}"
+    _reader_rates(qr, _target_hits(graph, q, labels), _target_hits(graph, q, read_real))
+    match = np.flatnonzero(_evidence_mask(graph, q, labels))
+    qr.n_matching = len(match)
+    idx = match[:n]
+    qr.n_used = len(idx)
+    if len(idx) == 0:
+        qr.skipped = f"no test unit among {len(labels)} matches the evidence (draw a larger pool)"
+        step({"skipped": qr.skipped})
+        return qr
+    ex = idx[:run.examples]
+    qr.examples = {"factual": images[ex], "models": {}}
+    if run.exact_cf:
+        qr.examples["truth"] = run.ds.counterfactual(ex, do)[1]
+    for i, (name, m) in enumerate(run.models.items()):
+        result, shown = _model_estimate(run, qr, q, name, m, idx, len(ex), run.seed + 101 * qi)
+        qr.results.append(result)
+        qr.examples["models"][name] = shown
+        step({"model": name}, done=i + 1)
+    return qr
+
+
+def _reader_rates(qr: QueryReport, truth_e: np.ndarray, read_e: np.ndarray) -> None:
+    """The reader's TPR / FPR of the target event on real test images, and the bounds as it shows them."""
+    qr.reader_tpr = _opt(float(read_e[truth_e].mean()) if truth_e.any() else float("nan"))
+    qr.reader_fpr = _opt(float(read_e[~truth_e].mean()) if (~truth_e).any() else float("nan"))
+    if qr.lower is not None:
+        tpr = 1.0 if qr.reader_tpr is None else qr.reader_tpr
+        fpr = 0.0 if qr.reader_fpr is None else qr.reader_fpr
+        if tpr > fpr:
+            qr.reader_lower, qr.reader_upper = fpr + (tpr - fpr) * qr.lower, fpr + (tpr - fpr) * qr.upper
+
+
+def _model_estimate(run: _Run, qr: QueryReport, q: Query, name: str, m, idx: np.ndarray, n_ex: int,
+                    seed: int) -> tuple[QueryEstimate, np.ndarray]:
+    """One model's estimate of a query on units ``idx``, and its first edit of the first ``n_ex`` units."""
+    graph, images, samples, margin = run.graph, run.images, run.samples, run.margin
+    v = _factual_of(m, images[idx], run.labels[idx], run.factual)
+    e = _edit(m, images[idx], v, qr.do, samples, seed)
+    if e.ok.any():
+        k_read = run.reader.read(e.images.reshape(-1, *images.shape[1:])).reshape(*e.counterfactual.shape)
+        est = M.estimate_proportion(_target_hits(graph, q, k_read))
+        feat_value = float(_target_hits(graph, q, e.counterfactual).mean())
+    else:
+        est = M.Estimate(float("nan"), 0.0, 1.0, 0, samples, 0.0)
+        feat_value = float("nan")
+    ver = ver_r = None
+    if qr.lower is not None and e.ok.any():
+        ver = M.verdict(est.lower, est.upper, qr.lower, qr.upper, est.value, margin)
+        if qr.reader_lower is not None:
+            ver_r = M.verdict(est.lower, est.upper, qr.reader_lower, qr.reader_upper, est.value, margin)
+    try:
+        model_value = float(m.features.prob(q))
+    except (QueryError, ValueError, RuntimeError, NotImplementedError, AttributeError):
+        model_value = None
+    own = run.bounds_of(m.pv, q)
+    own_l, own_u = (None, None) if isinstance(own, Exception) else (float(own.lower), float(own.upper))
+    note = None if e.ok.all() else (f"{int((~e.ok).sum())} of {len(idx)} units have factual factors of "
+                                    "probability zero under the model and were not edited")
+    result = QueryEstimate(name, est.value, est.lower, est.upper, est.n_units, est.n_samples, est.n_eff, ver, ver_r,
+                           feat_value, model_value, own_l, own_u, int((~e.ok).sum()), note)
+    ok_ex = e.ok[:n_ex]
+    pos = np.cumsum(e.ok) - 1
+    shown = np.zeros((n_ex, *images.shape[1:]), dtype=np.uint8)
+    shown[ok_ex] = e.images[pos[:n_ex][ok_ex], 0]
+    return result, shown
 
 
 def scm_name_of(graph: CausalGraph) -> str:
@@ -308,15 +341,28 @@ def _shift_one_pixel(images: np.ndarray) -> np.ndarray:
     return np.concatenate([images[..., :1], images[..., :-1]], axis=-1)
 
 
-def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metrics, seed, factual, exact_cf,
-                     report, realism) -> tuple[list[ModelMetrics], dict]:
+@dataclass
+class _Pool:
+    """The units of the general metrics and what the reader makes of the whole test pool."""
 
+    units: np.ndarray  # the first n_m units: the edited ones
+    ref: np.ndarray  # the next n_m (else the same): the reference set of FID/KID
+    x0: np.ndarray  # their images
+    v_true: np.ndarray  # their factors
+    new_values: dict[str, np.ndarray]  # per factor: a random new value per unit
+    f_pool: np.ndarray  # reader features of the whole pool
+    read_pool: np.ndarray  # reader readings of the whole pool
+    real_rate: dict  # (factor axis, value) -> how often real images with that value are read as it
+
+
+def _general_metrics(run: _Run, n_metrics: int, report, realism) -> tuple[list[ModelMetrics], dict]:
+    graph, reader, images, labels = run.graph, run.reader, run.images, run.labels
     n_all = len(labels)
     n_m = int(min(n_metrics, n_all))
     units = np.arange(n_m)
     ref = np.arange(n_m, min(2 * n_m, n_all)) if n_all >= 2 * n_m else units
     x0, v_true = images[units], labels[units]
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([run.seed, 1])
     new_values = {}
     for j, name in enumerate(graph.names):
         s = graph[name].size
@@ -328,6 +374,7 @@ def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metric
     real_rate = {(j, val): _opt(float((read_pool[labels[:, j] == val, j] == val).mean()))
                  if (labels[:, j] == val).any() else None
                  for j, name in enumerate(graph.names) for val in range(graph[name].size)}
+    pool = _Pool(units, ref, x0, v_true, new_values, f_pool, read_pool, real_rate)
     realism = {**realism, "n": n_m, "reference_units": len(ref),
                "fid_floor": None if ref is units else M.frechet_distance(f_ref, f_real),
                "kid_floor": None if ref is units else M.kernel_distance(f_ref, f_real),
@@ -335,66 +382,16 @@ def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metric
                # keeps every factor (the input moved by one pixel, edge repeated)
                "reader_shift_kept": {n: float((r == read_x0[:, j]).mean()) for j, (n, r) in
                                      enumerate(zip(graph.names, reader.read(_shift_one_pixel(x0)).T))}}
-    total = len(models) * (len(graph.names) + 1)
+    total = len(run.models) * (len(graph.names) + 1)
     step = 0
     out = []
-    for mname, m in models.items():
-        v = _factual_of(m, x0, v_true, factual)
+    for mname, m in run.models.items():
+        v = _factual_of(m, x0, v_true, run.factual)
         per_var: list[VariableMetrics] = []
         mix = np.zeros_like(x0)  # unit i shows its edit of factor (i mod k), for realism
         mix_ok = np.zeros(n_m, dtype=bool)
         for j, xname in enumerate(graph.names):
-            desc = [d for d in graph.descendants([xname]) if d != xname]
-            nondesc = [graph.axis(z) for z in graph.names if z != xname and z not in desc]
-            cf_f = np.zeros((n_m, len(graph.names)), dtype=np.int64)
-            cf_i = np.zeros_like(x0)
-            ok = np.zeros(n_m, dtype=bool)
-            gt_i = np.zeros_like(x0) if xname in exact_cf else None
-            gt_f = np.zeros_like(cf_f)
-            for val in np.unique(new_values[xname]):
-                g_idx = np.flatnonzero(new_values[xname] == val)
-                e = _edit(m, x0[g_idx], v[g_idx], {xname: int(val)}, 1, seed + 31 * j + int(val))
-                done = g_idx[e.ok]
-                ok[done] = True
-                cf_f[done], cf_i[done] = e.counterfactual[:, 0], e.images[:, 0]
-                if gt_i is not None:
-                    gt_f[g_idx], gt_i[g_idx] = ds.counterfactual(units[g_idx], {xname: int(val)})
-            read = reader.read(cf_i[ok])
-            back = m.transform(cf_i[ok], cf_f[ok], v[ok])
-            f_edit = reader.features(cf_i[ok]) if ok.any() else None
-            by_value = {}
-            for val in np.unique(new_values[xname][ok]):
-                sel = new_values[xname][ok] == val
-                eff = float((read[sel, j] == val).mean())
-                rr = real_rate[(j, int(val))]
-                ve = ValueEffect(int(sel.sum()), eff, rr, eff / rr if rr else None)
-                f_target = f_pool[labels[:, j] == val]
-                ve.n_reference = len(f_target)
-                if len(f_target) >= 2 and sel.sum() >= 2:
-                    ve.fid, ve.kid = M.frechet_distance(f_target, f_edit[sel]), M.kernel_distance(f_target, f_edit[sel])
-                    f_in = f_real[ok][sel]
-                    ve.fid_input, ve.kid_input = M.frechet_distance(f_target, f_in), M.kernel_distance(f_target, f_in)
-                ve.change_map = M.change_map(x0[ok][sel], cf_i[ok][sel])
-                ve.change = float(ve.change_map.mean())
-                ve.change_grid = M.pooled_shares(ve.change_map, next(c for c in CHANGE_GRID
-                                                                     if ve.change_map.shape[0] % c == 0))
-                by_value[graph[xname].values[int(val)]] = ve
-            kept = {graph.names[z]: float((read[:, z] == read_x0[ok][:, z]).mean()) for z in nondesc} if ok.any() else {}
-            ceiling = {graph.names[z]: c for z in nondesc
-                       if (c := _kept_ceiling(read_pool, labels, j, z, v_true[ok], new_values[xname][ok],
-                                              graph[graph.names[z]].size)) is not None}
-            vm = VariableMetrics(
-                variable=xname, n_units=int(ok.sum()),
-                effectiveness=M.effectiveness(read, {j: new_values[xname][ok]}),
-                preservation=_opt(M.preservation(read, v_true[ok], nondesc)),
-                agreement=_opt(M.agreement(read, cf_f[ok], [graph.axis(d) for d in desc])),
-                reversibility=M.reversibility(x0[ok], back), n_skipped=int((~ok).sum()),
-                by_value=by_value, kept=kept, kept_ceiling=ceiling)
-            if gt_i is not None and ok.any():
-                vm.gt_mae = M.mae(cf_i[ok], gt_i[ok])
-                same = ok & (cf_f == gt_f).all(1)
-                vm.gt_factor_match = float(same[ok].mean())
-                vm.gt_mae_same_factors = M.mae(cf_i[same], gt_i[same]) if same.any() else None
+            vm, cf_i, ok = _variable_metrics(run, pool, m, v, j, xname)
             per_var.append(vm)
             pick = ok & (np.arange(n_m) % len(graph.names) == j)
             mix[pick], mix_ok[pick] = cf_i[pick], True
@@ -426,3 +423,70 @@ def _general_metrics(graph, models, reader: Reader, ds, images, labels, n_metric
         step += 1
         report("metrics", step, total, {"model": mname, "variable": "composition"})
     return out, realism
+
+
+def _variable_metrics(run: _Run, pool: _Pool, m, v: np.ndarray, j: int,
+                      xname: str) -> tuple[VariableMetrics, np.ndarray, np.ndarray]:
+    """One model's edits do(X = x′) of factor ``xname`` (axis ``j``) with each unit's random new value:
+    its metrics, the edited images and which units were edited."""
+    graph, reader, labels = run.graph, run.reader, run.labels
+    x0, v_true, new = pool.x0, pool.v_true, pool.new_values[xname]
+    n_m = len(x0)
+    desc = [d for d in graph.descendants([xname]) if d != xname]
+    nondesc = [graph.axis(z) for z in graph.names if z != xname and z not in desc]
+    cf_f = np.zeros((n_m, len(graph.names)), dtype=np.int64)
+    cf_i = np.zeros_like(x0)
+    ok = np.zeros(n_m, dtype=bool)
+    gt_i = np.zeros_like(x0) if xname in run.exact_cf else None
+    gt_f = np.zeros_like(cf_f)
+    for val in np.unique(new):
+        g_idx = np.flatnonzero(new == val)
+        e = _edit(m, x0[g_idx], v[g_idx], {xname: int(val)}, 1, run.seed + 31 * j + int(val))
+        done = g_idx[e.ok]
+        ok[done] = True
+        cf_f[done], cf_i[done] = e.counterfactual[:, 0], e.images[:, 0]
+        if gt_i is not None:
+            gt_f[g_idx], gt_i[g_idx] = run.ds.counterfactual(pool.units[g_idx], {xname: int(val)})
+    read = reader.read(cf_i[ok])
+    back = m.transform(cf_i[ok], cf_f[ok], v[ok])
+    f_edit = reader.features(cf_i[ok]) if ok.any() else None
+    by_value = {graph[xname].values[int(val)]: _value_effect(pool, j, int(val), new[ok] == val, read, f_edit,
+                                                            x0[ok], cf_i[ok], ok, labels)
+                for val in np.unique(new[ok])}
+    read_x0 = pool.read_pool[pool.units]
+    kept = {graph.names[z]: float((read[:, z] == read_x0[ok][:, z]).mean()) for z in nondesc} if ok.any() else {}
+    ceiling = {graph.names[z]: c for z in nondesc
+               if (c := _kept_ceiling(pool.read_pool, labels, j, z, v_true[ok], new[ok],
+                                      graph[graph.names[z]].size)) is not None}
+    vm = VariableMetrics(
+        variable=xname, n_units=int(ok.sum()),
+        effectiveness=M.effectiveness(read, {j: new[ok]}),
+        preservation=_opt(M.preservation(read, v_true[ok], nondesc)),
+        agreement=_opt(M.agreement(read, cf_f[ok], [graph.axis(d) for d in desc])),
+        reversibility=M.reversibility(x0[ok], back), n_skipped=int((~ok).sum()),
+        by_value=by_value, kept=kept, kept_ceiling=ceiling)
+    if gt_i is not None and ok.any():
+        vm.gt_mae = M.mae(cf_i[ok], gt_i[ok])
+        same = ok & (cf_f == gt_f).all(1)
+        vm.gt_factor_match = float(same[ok].mean())
+        vm.gt_mae_same_factors = M.mae(cf_i[same], gt_i[same]) if same.any() else None
+    return vm, cf_i, ok
+
+
+def _value_effect(pool: _Pool, j: int, val: int, sel: np.ndarray, read: np.ndarray, f_edit, x_in: np.ndarray,
+                  x_out: np.ndarray, ok: np.ndarray, labels: np.ndarray) -> ValueEffect:
+    """Edits to one new value of factor ``j`` (the edited units ``sel``): effectiveness against the real
+    rate, realism toward real images of that value, and where the edits change the image."""
+    eff = float((read[sel, j] == val).mean())
+    rr = pool.real_rate[(j, val)]
+    ve = ValueEffect(int(sel.sum()), eff, rr, eff / rr if rr else None)
+    f_target = pool.f_pool[labels[:, j] == val]
+    ve.n_reference = len(f_target)
+    if len(f_target) >= 2 and sel.sum() >= 2:
+        ve.fid, ve.kid = M.frechet_distance(f_target, f_edit[sel]), M.kernel_distance(f_target, f_edit[sel])
+        f_in = pool.f_pool[pool.units][ok][sel]
+        ve.fid_input, ve.kid_input = M.frechet_distance(f_target, f_in), M.kernel_distance(f_target, f_in)
+    ve.change_map = M.change_map(x_in[sel], x_out[sel])
+    ve.change = float(ve.change_map.mean())
+    ve.change_grid = M.pooled_shares(ve.change_map, next(c for c in CHANGE_GRID if ve.change_map.shape[0] % c == 0))
+    return ve
