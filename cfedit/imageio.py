@@ -20,6 +20,7 @@ import numpy as np
 from cfedit.errors import ImageReadError  # re-exported: ``from cfedit.imageio import ImageReadError``
 from cfedit.files import read_regular
 
+#: Image files cfedit reads: the suffixes `edit` takes and a data folder indexes.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 #: Largest image file read.
 MAX_IMAGE_BYTES = 64 << 20

@@ -101,22 +101,6 @@ def parent_index(graph: CausalGraph, var: str, values) -> int | np.ndarray:
     return idx
 
 
-def parent_values(graph: CausalGraph, var: str, pa: int) -> dict[str, int]:
-    """Inverse of :func:`parent_index`."""
-    ps = graph.parents(var)
-    if not ps:
-        return {}
-    vals = np.unravel_index(pa, [graph[p].size for p in ps])
-    return {p: int(v) for p, v in zip(ps, vals)}
-
-
-def coord_label(graph: CausalGraph, coord: Coord) -> str:
-    var, pa = coord
-    pv = parent_values(graph, var, pa)
-    inside = ",".join(f"{p}={graph[p].values[i]}" for p, i in pv.items())
-    return f"r_{var}({inside})"
-
-
 # ----------------------------------------------------------------------------------------------
 # Tian's Q-factors
 # ----------------------------------------------------------------------------------------------

@@ -222,9 +222,6 @@ class CausalGraph:
         comps = [tuple(n for n in self.names if n in c) for c in nx.connected_components(g)]
         return tuple(sorted(comps, key=lambda c: self.names.index(c[0])))
 
-    def c_component(self, name: str) -> tuple[str, ...]:
-        return next(c for c in self.c_components() if name in c)
-
     def bidirected_cliques(self) -> tuple[tuple[str, ...], ...]:
         """Maximal cliques of the bidirected part with at least two members: one shared noise each."""
         g = nx.Graph()
@@ -232,9 +229,6 @@ class CausalGraph:
         g.add_edges_from(self.confounders)
         cliques = [tuple(n for n in self.names if n in c) for c in nx.find_cliques(g) if len(c) > 1]
         return tuple(sorted(cliques, key=lambda c: [self.names.index(n) for n in c]))
-
-    def is_markovian(self) -> bool:
-        return not self.confounders
 
     # -- serialisation -----------------------------------------------------------------------
 

@@ -33,10 +33,9 @@ from cfedit.errors import DataError
 from cfedit.data.mnist import default_cache_dir
 from cfedit.causal.pv import as_pv
 from cfedit.files import atomic_write_bytes, read_regular
-from cfedit.imageio import MAX_IMAGE_BYTES, ImageReadError, decode_image
+from cfedit.imageio import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, ImageReadError, decode_image
 from cfedit.causal.graph import CausalGraph
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 LABEL_FILES = ("labels.csv", "attributes.csv", "CelebAMask-HQ-attribute-anno.txt", "list_attr_celeba.txt")
 ID_COLUMN = "image_id"
 N_TEST = 3000
@@ -214,7 +213,7 @@ class _Source:
             raise DataError(f"{path}: image folder or zip not found")
         self.names = {}
         for nm in names:
-            if nm.lower().endswith(IMAGE_EXTS):
+            if nm.lower().endswith(tuple(IMAGE_SUFFIXES)):
                 base = nm.rsplit("/", 1)[-1]
                 self.names.setdefault(nm, nm)
                 self.names.setdefault(base, nm)
