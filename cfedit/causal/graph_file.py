@@ -18,7 +18,7 @@ import yaml
 
 from cfedit.causal.graph import GRAPH_NAME, MAX_DOMAIN, CausalGraph, ImageSpec, Variable, graph_name_problem
 from cfedit.causal.query import parse_query
-from cfedit.causal.recipes import FIT_OPTIONS, MECHANISM_OPTIONS, READER_OPTIONS, option_problem
+from cfedit.causal.recipes import DATA_KEYS, data_problem, recipe_problem
 from cfedit.errors import GraphError, QueryError
 from cfedit.files import read_regular
 
@@ -40,7 +40,6 @@ _EDGE = re.compile(rf"^\s*({_NAME})\s*->\s*({_NAME})\s*$")
 _BIDIRECTED = re.compile(rf"^\s*({_NAME})\s*<->\s*({_NAME})\s*$")
 _TOP_KEYS = ("name", "description", "variables", "edges", "confounders", "image", "data", "queries", "fit",
              "reader")
-_DATA_KEYS = ("barmnist", "folder", "labels", "images")
 _YAML = "tag:yaml.org,2002:"
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when present: 6x faster
 _SCALAR_TAGS = {_YAML + t for t in ("str", "int", "float", "bool", "null", "timestamp")}
@@ -283,36 +282,22 @@ def _data(check: _Checker, raw: Any) -> dict[str, str] | None:
     if raw is None:
         return None
     data = check.mapping(raw, "data", "{barmnist: backdoor} or {folder: path/to/images}", "data")
-    check.known_keys(data, _DATA_KEYS, "'data'", "data")
-    if "images" in data and "labels" not in data:
-        raise check.error("'data': images go with labels (the label file naming each image)", "data", "images")
-    if sum(k in data for k in ("barmnist", "folder", "labels")) != 1:
-        raise check.error("'data' must name exactly one source: barmnist, folder, or labels (with images)", "data")
+    check.known_keys(data, DATA_KEYS, "'data'", "data")
     out = {k: check.word(v, f"'data' {k}", "data", k) for k, v in data.items()}
-    if "barmnist" in out and not re.fullmatch(_NAME, out["barmnist"]):
-        raise check.error(f"'data' barmnist must name a setting such as backdoor, not {out['barmnist']!r}",
-                          "data", "barmnist")
+    problem = data_problem(out)
+    if problem:
+        message, key = problem
+        raise check.error(message, "data", *([key] if key else []))
     return out
 
 
 def _recipe(check: _Checker, raw: Any, key: str, example: str, options_known: bool) -> dict[str, Any]:
     recipe = check.mapping(raw, key, example, key)
-    if not options_known:
-        return dict(recipe)
-    if key == "fit":
-        mechanism = recipe.get("mechanism", "cvae")
-        problem = option_problem(FIT_OPTIONS["mechanism"], mechanism)
+    if options_known:
+        problem = recipe_problem(key, recipe)
         if problem:
-            raise check.error(f"'fit' mechanism {problem}", "fit", "mechanism")
-        options = {**MECHANISM_OPTIONS[mechanism], **FIT_OPTIONS}
-        what = f"'fit' (mechanism {mechanism})"
-    else:
-        options, what = READER_OPTIONS, f"'{key}'"
-    check.known_keys(recipe, options, what, key)
-    for name, value in recipe.items():
-        problem = option_problem(options[name], value)
-        if problem:
-            raise check.error(f"'{key}' {name} {problem}, not {value!r}", key, name)
+            message, name = problem
+            raise check.error(message, key, *([name] if name else []))
     return dict(recipe)
 
 

@@ -1,4 +1,4 @@
-"""Counterfactual queries in Pearl's notation, ASCII (DESIGN §4).
+"""Counterfactual queries in Pearl's notation, ASCII.
 
     P(bar_{color=green}=yes | digit=3, color=red, bar=yes)
     P(bar_{color=red,digit=5}=yes, color_{digit=5}=red | digit=3)

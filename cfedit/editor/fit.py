@@ -18,9 +18,11 @@ import numpy as np
 
 from cfedit.causal.graph import CausalGraph
 from cfedit.causal.pv import total_variation
+from cfedit.causal.recipes import FIT_OPTIONS, MECHANISMS, recipe_problem
 from cfedit.editor.model import ANCM
 from cfedit.editor.policy import EditPolicy, redraw
 from cfedit.features import make_feature_model
+from cfedit.errors import GraphError
 from cfedit.files import atomic_write_bytes
 from cfedit.progress import Progress
 
@@ -44,41 +46,20 @@ class FitOptions:
     init_from: str | None = None
 
 
-#: Keys of a graph file's ``fit:`` recipe that are not image-mechanism options.
-RECIPE_KEYS = ("epochs", "labeller_epochs", "residual", "mechanism")
-#: The image mechanisms ``fit`` can train, by the name a recipe or ``--mechanism`` gives.
-MECHANISMS = ("cvae", "masked")
-
-
-def mechanism_defaults(kind: str) -> dict:
-    """The training options (and their defaults) of the image mechanism ``kind``."""
-    if kind == "masked":
-        from cfedit.image.masked_training import MASKED_DEFAULTS
-
-        return MASKED_DEFAULTS
-    if kind == "cvae":
-        from cfedit.image.train import MECHANISM_DEFAULTS
-
-        return MECHANISM_DEFAULTS
-    raise ValueError(f"unknown image mechanism {kind!r} (known: {', '.join(MECHANISMS)})")
-
-
 def resolve_options(graph: CausalGraph, options: FitOptions | None = None) -> FitOptions:
-    """``options`` completed from the graph file's ``fit:`` recipe (explicit options win)."""
+    """``options`` completed from the graph file's ``fit:`` recipe (explicit options win); the recipe,
+    with the mechanism the options choose, passes the ``fit:`` schema (:mod:`cfedit.causal.recipes`)."""
     from dataclasses import replace
 
     o = options or FitOptions()
     recipe = dict(graph.fit)
+    if o.mechanism is not None and o.mechanism not in MECHANISMS:
+        raise GraphError(f"unknown image mechanism {o.mechanism!r} (known: {', '.join(MECHANISMS)})")
     kind = o.mechanism or str(recipe.get("mechanism", "cvae"))
-    if kind not in MECHANISMS:
-        raise ValueError(f"{graph.source or graph.name}: unknown image mechanism {kind!r} "
-                         f"(known: {', '.join(MECHANISMS)})")
-    defaults = mechanism_defaults(kind)
-    unknown = sorted(set(recipe) - set(RECIPE_KEYS) - set(defaults))
-    if unknown:
-        raise ValueError(f"{graph.source or graph.name}: 'fit' has unknown option {unknown[0]!r} (known: "
-                         f"{', '.join(RECIPE_KEYS + tuple(k for k in defaults if k not in RECIPE_KEYS))})")
-    mech = {k: v for k, v in recipe.items() if k not in RECIPE_KEYS}
+    problem = recipe_problem("fit", {**recipe, "mechanism": kind})
+    if problem:
+        raise GraphError(f"{graph.source or graph.name}: {problem[0]}")
+    mech = {k: v for k, v in recipe.items() if k not in FIT_OPTIONS}
     mech.update(o.mechanism_options)
     residual = o.residual if o.residual is not None else bool(recipe.get("residual", False))
     labeller_epochs = o.labeller_epochs if o.labeller_epochs is not None else recipe.get("labeller_epochs")

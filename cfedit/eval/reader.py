@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 
 from cfedit.causal.graph import CausalGraph
+from cfedit.causal.recipes import recipe_problem
+from cfedit.errors import GraphError
 from cfedit.progress import Progress
 
 #: Defaults of the reader's classifier: another hidden width and seed than the models' labellers
 #: (32/128, seed 0), its own BarMNIST units (the training split drawn with this seed), trained longer
-#: (digit accuracy about 0.986 on Colored MNIST; about a minute on one CPU thread, then cached).
+#: (then cached; docs/decisions.md has its accuracy when chosen).
 READER_DEFAULTS = {"n": 40000, "epochs": 6, "seed": 7919, "width": 32, "hidden": 160, "n_test": 2000}
 #: Reader options besides those (a graph file's ``reader:`` recipe may set any of them): ``mirror``
 #: reads each image and its left-right mirror and averages the probabilities (faces, never digits),
@@ -207,15 +209,11 @@ def load_reader(path: str | Path, graph: CausalGraph | None = None) -> Reader:
 
 
 def reader_options(graph: CausalGraph, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The graph file's ``reader:`` recipe overridden by ``config``, checked against the known options."""
-    from cfedit.image.train import LABELLER_DEFAULTS
-
+    """The graph file's ``reader:`` recipe overridden by ``config``, as the ``reader:`` schema allows."""
     merged = {**graph.reader, **(config or {})}
-    known = tuple(READER_DEFAULTS) + READER_EXTRA + tuple(k for k in LABELLER_DEFAULTS if k not in READER_DEFAULTS)
-    unknown = sorted(set(merged) - set(known))
-    if unknown:
-        raise ValueError(f"{graph.source or graph.name}: 'reader' has unknown option {unknown[0]!r} "
-                         f"(known: {', '.join(known)})")
+    problem = recipe_problem("reader", merged)
+    if problem:
+        raise GraphError(f"{graph.source or graph.name}: {problem[0]}")
     return merged
 
 

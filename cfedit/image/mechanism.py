@@ -140,7 +140,7 @@ class ImageMechanism(FactorModule):
     KIND, WHAT = "cvae", "image mechanism"
 
     def __init__(self, names: Sequence[str], sizes: Sequence[int], channels: int = 3, size: int = 28,
-                 width: int = 32, latent: int = 16, hidden: int = 256, skip: int = 0):
+                 width: int = 32, latent: int = 16, hidden: int = 256):
         super().__init__()
         if len(names) != len(sizes) or not names:
             raise ValueError("names and sizes must be non-empty and of equal length")
@@ -150,15 +150,8 @@ class ImageMechanism(FactorModule):
         n, base = down_plan(self.size)
         if n == 0:
             raise ValueError(f"image size {size} cannot be halved; use an even size such as 28 or 64")
-        self.skip = int(skip)
-        if not 0 <= self.skip <= n - 1:
-            raise ValueError(f"skip must be between 0 and {n - 1} for size {size}")
         self.base = base
         ws = widths(self.width, n)
-        # skip connections (U-Net / AttGAN shortcuts): the encoder's feature maps at the `skip` resolutions
-        # just above the base also go to the decoder, so it can redraw this face's detail; they are part
-        # of the abducted u_I (flattened after the latent), without a prior.
-        self._skip_shapes = [(ws[n - 2 - i], base * 2 ** (i + 1), base * 2 ** (i + 1)) for i in range(self.skip)]
         k = sum(self.sizes)
         # encoder: image -> stride-2 convs -> flatten ++ one-hot(v) -> hidden -> (mu, logvar)
         layers: list[nn.Module] = []
@@ -179,8 +172,6 @@ class ImageMechanism(FactorModule):
         for i, w in enumerate(reversed(ws)):
             last = i == len(ws) - 1
             out = self.channels if last else ws[len(ws) - 2 - i]
-            if 1 <= i <= self.skip:  # this stage also reads the encoder's map of its input resolution
-                c_in += self._skip_shapes[i - 1][0]
             layers.append(nn.ConvTranspose2d(c_in, out, 4, 2, 1))
             if not last:
                 layers.append(nn.ReLU())
@@ -190,61 +181,32 @@ class ImageMechanism(FactorModule):
     # -- config round trip -----------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
-        cfg = {"kind": "cvae", "names": list(self.names), "sizes": list(self.sizes), "channels": self.channels,
-               "size": self.size, "width": self.width, "latent": self.latent, "hidden": self.hidden}
-        if self.skip:  # (absent when 0, so configs of earlier checkpoints compare equal)
-            cfg["skip"] = self.skip
-        return cfg
+        return {"kind": "cvae", "names": list(self.names), "sizes": list(self.sizes), "channels": self.channels,
+                "size": self.size, "width": self.width, "latent": self.latent, "hidden": self.hidden}
 
     @property
     def u_dim(self) -> int:
-        """Size of the abducted u_I: the latent plus the flattened skip maps."""
-        return self.latent + sum(c * h * w for c, h, w in self._skip_shapes)
+        """Size of the abducted u_I: the latent."""
+        return self.latent
 
     # -- differentiable parts ----------------------------------------------------------------
 
     def encode(self, x: torch.Tensor, factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) of q(u_I | image, v); ``x`` float [n, C, S, S] in [0, 1]."""
-        mu, logvar, _ = self.encode_full(x, factors)
-        return mu, logvar
-
-    def encode_full(self, x: torch.Tensor, factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mu, logvar, skips): skips [n, u_dim - latent] are the flattened skip maps (empty if skip=0)."""
-        h = x * 2 - 1
-        maps = []
-        for layer in self.enc_conv:
-            h = layer(h)
-            if isinstance(layer, nn.LeakyReLU):
-                maps.append(h)
+        h = self.enc_conv(x * 2 - 1)
         mu, logvar = self.enc_fc(torch.cat([h.flatten(1), one_hot(factors, self.sizes).to(h.dtype)], 1)).chunk(2, 1)
-        # maps[-1] is the base; the skip maps are the ones just above it, deepest first
-        skips = [maps[-2 - i].flatten(1) for i in range(self.skip)]
-        flat = torch.cat(skips, 1) if skips else h.new_zeros(len(h), 0)
-        return mu, logvar.clamp(-12, 8), flat
+        return mu, logvar.clamp(-12, 8)
 
     def decoder_logits(self, factors: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Pixel logits [n, C, S, S] of f_I(v, u); ``u`` [n, u_dim] (latent, then skip maps)."""
+        """Pixel logits [n, C, S, S] of f_I(v, u); ``u`` [n, latent]."""
         oh = one_hot(factors, self.sizes).to(u.dtype)
-        z, rest = u[:, :self.latent], u[:, self.latent:]
-        h = self.dec_fc(torch.cat([z, oh], 1)).view(-1, self._dec_c, self.base, self.base)
+        h = self.dec_fc(torch.cat([u, oh], 1)).view(-1, self._dec_c, self.base, self.base)
         h = torch.cat([h, oh[:, :, None, None].expand(-1, -1, self.base, self.base)], 1)
-        skips, at = [], 0
-        for c, hh, ww in self._skip_shapes:
-            skips.append(rest[:, at:at + c * hh * ww].reshape(-1, c, hh, ww))
-            at += c * hh * ww
-        stage = 0
-        for layer in self.dec_conv:
-            if isinstance(layer, nn.ConvTranspose2d):
-                if 1 <= stage <= self.skip:
-                    h = torch.cat([h, skips[stage - 1]], 1)
-                stage += 1
-            h = layer(h)
-        return h
+        return self.dec_conv(h)
 
     def posterior_mean(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-        """The abducted u_I [n, u_dim]: the posterior mean of the latent, then any skip maps."""
-        mu, _, skips = self.encode_full(x, factors)
-        return torch.cat([mu, skips], 1)
+        """The abducted u_I [n, latent]: the posterior mean of the latent."""
+        return self.encode(x, factors)[0]
 
     def forward(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
         """Reconstruction (float [0, 1]) through the posterior mean: the null edit."""
@@ -254,7 +216,7 @@ class ImageMechanism(FactorModule):
 
     @torch.inference_mode()
     def abduct(self, images, factors, batch_size: int = INFER_BATCH):
-        """u_I [n, u_dim] (the posterior mean, then any skip maps) of images [n, C, S, S] with factual factors [n, k]."""
+        """u_I [n, u_dim] (the posterior mean) of images [n, C, S, S] with factual factors [n, k]."""
         dev = self.device
 
         def step(i: int, j: int) -> torch.Tensor:
@@ -294,9 +256,7 @@ class ImageMechanism(FactorModule):
         return self.decode(counterfactual, u, batch_size)
 
     def sample(self, factors, generator: torch.Generator | None = None, batch_size: int = INFER_BATCH):
-        """New images of ``factors`` with u_I drawn from the prior N(0, I) (no skip maps: they have no prior)."""
-        if self.skip:
-            raise ValueError("a mechanism with skip connections abducts u_I from an image; it cannot sample one")
+        """New images of ``factors`` with u_I drawn from the prior N(0, I)."""
         n = len(factors)
         u = torch.randn(n, self.latent, generator=generator)
         out = self.decode(factors, u, batch_size)

@@ -34,36 +34,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cfedit.image.augment import random_shift
 from cfedit.image.labeller import Labeller
+from cfedit.image.losses import CVAELoss, PatchDiscriminator
 from cfedit.image.mechanism import ImageMechanism, to_float_images
 
 Progress = Callable[[int, int, dict], None]
 LOG_EVERY = 10
 
 # lr_decay: lr falls to 0 on a cosine over the run (a function of the step, so resuming needs no
-# scheduler state); it helps the classifier's last digit of accuracy but held back the short mechanism
-# run in one comparison on BarMNIST (null-edit MAE 0.0132 -> 0.0149, digit effectiveness 0.99 -> 0.97).
-# shift: random translation of up to this many pixels per image (augmentation; labeller only).
+# scheduler state). shift: random translation of up to this many pixels per image (augmentation).
 # flip: mirror half the images left-right (augmentation for faces; never for digits, where a mirrored
 # 2 is not a 2).
 LABELLER_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 2e-3, "lr_decay": True, "width": 32, "hidden": 128,
                      "shift": 2, "flip": False}
 # attr_weight: weight of the attribute-classification loss on edited decodes (in units where the
 # reconstruction term is a per-image sum over pixels); swap_p: chance each factor is resampled;
-# attr_residual: the labeller reads the residual edit x + decode(v', u) - decode(v, u) (what a residual
-# editor outputs) instead of decode(v', u). Measured on CelebA-HQ: it makes the decoder paint
-# adversarial checkerboard and color blotches that any CNN reads as the new attribute (see README), so
-# it is off by default; a residual editor is better served by a decoder trained on whole decodes.
 # attr_shift / attr_flip: the labeller reads the edit randomly translated by up to this many pixels /
-# mirrored left-right (faces, not digits), so an edit must carry the attribute in a form that survives
-# them — not in a pattern that happens to fool this one frozen network.
+# mirrored left-right, so an edit must carry the attribute in a form that survives them.
 # adv_weight: weight (in attr_weight's units) of an adversarial loss that makes the residual edit
 # x + decode(v', u) - decode(v, u) indistinguishable from real images for a patch discriminator trained
-# alongside (0: off). skip: U-Net skip connections from the encoder to the decoder (0: none; 1: the
-# maps one halving above the base), so reconstructions keep the image's own detail (faces).
-MECHANISM_DEFAULTS = {"epochs": 5, "batch_size": 128, "lr": 1e-3, "lr_decay": False, "width": 32, "latent": 16, "hidden": 256,
-                      "beta": 1.0, "attr_weight": 20.0, "swap_p": 0.5, "attr_residual": False, "attr_shift": 0,
-                      "attr_flip": False, "adv_weight": 0.0, "skip": 0}
+# alongside (0: off). The mechanisms train at a constant learning rate (docs/decisions.md).
+MECHANISM_DEFAULTS = {"epochs": 5, "batch_size": 128, "lr": 1e-3, "width": 32, "latent": 16, "hidden": 256,
+                      "beta": 1.0, "attr_weight": 20.0, "swap_p": 0.5, "attr_shift": 0, "attr_flip": False,
+                      "adv_weight": 0.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,22 +105,16 @@ def train_image_mechanism(dataset, graph, labeller: Labeller | None, epochs: int
     || N(0, I)) + attr_weight * sum_j CE(labeller(decode(v', u))_j, v'_j), where v' resamples each
     factor with probability swap_p and u is the abducted (sampled) noise of the factual image.
 
-    Why the attribute loss (the choice among the remedies for "the latent remembers the digit"):
-    a plain CVAE reconstructs and recolours well but, asked for another digit, often redraws the old
-    one, because u_I keeps the digit's identity. Shrinking or regularising u_I harder trades away the
-    null-edit fidelity we also need, and a latent adversary only removes *linearly/MLP-readable*
-    factor information, slowly. The attribute loss attacks the symptom that matters directly — a
-    decode with new factor values must be *read* as those values by a frozen, independently trained
-    labeller (AttGAN/StarGAN style) — while the reconstruction term keeps the null edit exact. The
-    gradient also reaches the encoder, pushing factor identity out of u_I. It costs one extra decoder
-    and labeller pass per step. ``labeller=None`` (or attr_weight=0) trains the plain CVAE.
+    The attribute loss makes a decode with new factor values be *read* as those values by a frozen,
+    independently trained labeller, so a digit change redraws the digit (docs/decisions.md says why
+    this remedy); ``labeller=None`` (or attr_weight=0) trains the plain CVAE.
 
     ``metrics``: ``recon``, ``kl``, ``attr`` (last epoch means), ``loss``, ``seconds``.
     """
-    opts = _options(MECHANISM_DEFAULTS, options, epochs)
+    opts = {**_options(MECHANISM_DEFAULTS, options, epochs), "lr_decay": False}
     device = torch.device(device)
     model = _init(lambda: ImageMechanism.for_graph(graph, width=opts["width"], latent=opts["latent"],
-                                                   hidden=opts["hidden"], skip=opts["skip"]), seed, state).to(device)
+                                                   hidden=opts["hidden"]), seed, state).to(device)
     use_attr = labeller is not None and opts["attr_weight"] > 0
     if use_attr:
         labeller = copy.deepcopy(labeller).to(device).eval()
@@ -141,8 +129,8 @@ def train_image_mechanism(dataset, graph, labeller: Labeller | None, epochs: int
             disc = PatchDiscriminator(model.channels)
         if state is not None and "aux" in state:
             disc.load_state_dict(state["aux"])
-    loss_module = _CVAELoss(model, labeller if use_attr else None, opts["beta"], opts["attr_weight"],
-                            bool(opts["attr_residual"]), int(opts["attr_shift"]), disc, float(opts["adv_weight"]))
+    loss_module = CVAELoss(model, labeller if use_attr else None, opts["beta"], opts["attr_weight"],
+                           int(opts["attr_shift"]), disc, float(opts["adv_weight"]))
     loss_module.to(device)
 
     def step(module, x, v, gen):
@@ -158,84 +146,6 @@ def train_image_mechanism(dataset, graph, labeller: Labeller | None, epochs: int
         return module(x, v, eps, v_new, offsets, flips)
 
     return _fit(model, loss_module, step, dataset, opts, device, seed, progress, state, on_epoch)
-
-
-# --------------------------------------------------------------------------------------------
-# Loss modules
-# --------------------------------------------------------------------------------------------
-
-class PatchDiscriminator(nn.Module):
-    """Real or edited, per 8x8 patch (at 64 px): three stride-2 convs and a 3x3 head, spectrally
-    normalised. Used only in training (adv_weight > 0); it never ships in a checkpoint."""
-
-    def __init__(self, channels: int, width: int = 32):
-        super().__init__()
-        sn = nn.utils.spectral_norm
-        self.net = nn.Sequential(
-            sn(nn.Conv2d(channels, width, 4, 2, 1)), nn.LeakyReLU(0.2),
-            sn(nn.Conv2d(width, 2 * width, 4, 2, 1)), nn.LeakyReLU(0.2),
-            sn(nn.Conv2d(2 * width, 4 * width, 4, 2, 1)), nn.LeakyReLU(0.2),
-            sn(nn.Conv2d(4 * width, 1, 3, 1, 1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x * 2 - 1)
-
-
-class _CVAELoss(nn.Module):
-    """One training step's losses as a module, so DistributedDataParallel sees a single forward."""
-
-    def __init__(self, mech: ImageMechanism, labeller: Labeller | None, beta: float, attr_weight: float,
-                 attr_residual: bool = False, attr_shift: int = 0, disc: nn.Module | None = None,
-                 adv_weight: float = 0.0):
-        super().__init__()
-        self.mech = mech
-        self.labeller = labeller
-        self.beta, self.attr_weight = float(beta), float(attr_weight)
-        self.attr_residual, self.attr_shift = bool(attr_residual), int(attr_shift)
-        self.aux = disc  # trained alongside (saved in the resume state as "aux"), never shipped
-        self.adv_weight = float(adv_weight)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.labeller is not None:
-            self.labeller.eval()  # frozen
-        return self
-
-    def forward(self, x, v, eps, v_new, offsets=None, flips=None) -> dict[str, torch.Tensor]:
-        n = len(x)
-        mu, logvar, skips = self.mech.encode_full(x, v)
-        u = torch.cat([mu + eps.to(mu.dtype) * (0.5 * logvar).exp(), skips], 1)
-        logits = self.mech.decoder_logits(v, u)
-        recon = F.binary_cross_entropy_with_logits(logits.float(), x, reduction="sum") / n
-        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).float().sum() / n
-        loss = recon + self.beta * kl
-        out = {"recon": recon, "kl": kl}
-        redrawn = torch.sigmoid(self.mech.decoder_logits(v_new, u)) if (self.labeller is not None or self.aux is not None) else None
-        if self.labeller is not None:
-            edited = redrawn
-            if self.attr_residual:
-                edited = (x + edited - torch.sigmoid(logits)).clamp(0.0, 1.0)
-            if offsets is not None:
-                edited = shift_by(edited, offsets, self.attr_shift)
-            if flips is not None:
-                edited = torch.where(flips[:, None, None, None], edited.flip(-1), edited)
-            attr = sum(F.cross_entropy(lg.float(), v_new[:, j]) for j, lg in enumerate(self.labeller(edited)))
-            loss = loss + self.attr_weight * attr
-            out["attr"] = attr
-        if self.aux is not None:
-            # adversarial realism of what a residual editor outputs: x + decode(v', u) - decode(v, u).
-            # One optimizer step trains both sides: the discriminator sees the edit detached, and the
-            # editor's loss goes through a frozen copy of the discriminator's weights.
-            fake = (x + redrawn - torch.sigmoid(logits)).clamp(0.0, 1.0)
-            real = x.roll(1, 0)  # other images of the batch
-            d_loss = F.softplus(-self.aux(real)).mean() + F.softplus(self.aux(fake.detach())).mean()
-            frozen = {k: t.detach() for k, t in self.aux.named_parameters()}
-            frozen.update({k: t for k, t in self.aux.named_buffers()})
-            g_adv = F.softplus(-torch.func.functional_call(self.aux, frozen, (fake,))).mean()
-            loss = loss + d_loss + self.adv_weight * g_adv
-            out["d_loss"], out["g_adv"] = d_loss, g_adv
-        out["loss"] = loss
-        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,21 +214,6 @@ def _batches(dataset, idx: torch.Tensor, batch_size: int, device) -> Iterator[tu
             x = to_float_images(torch.stack([torch.as_tensor(it[0]) for it in items]), device)
             v = torch.stack([torch.as_tensor(it[1], dtype=torch.long) for it in items]).to(device)
         yield x, v
-
-
-def random_shift(x: torch.Tensor, s: int, gen: torch.Generator) -> torch.Tensor:
-    """Each image translated by its own random offset in [-s, s]^2, zero-padded (x: [n, C, H, W])."""
-    return shift_by(x, torch.randint(0, 2 * s + 1, (len(x), 2), generator=gen).to(x.device), s)
-
-
-def shift_by(x: torch.Tensor, off: torch.Tensor, s: int) -> torch.Tensor:
-    """Image i translated by off[i] - s pixels (off: long [n, 2] in [0, 2s]), zero-padded."""
-    n, c, h, w = x.shape
-    xp = F.pad(x, (s, s, s, s))
-    rows = (off[:, :1] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (off[:, 1:] + torch.arange(w, device=x.device))[:, None, None, :]
-    return xp[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
-              rows, cols]
 
 
 def _cpu(obj):

@@ -156,19 +156,40 @@ def test_fit_recipe_is_not_structure(tmp_path):
 
 
 def test_recipe_options_match_the_trainers_defaults():
-    """graph.py checks fit:/reader: at load without importing torch; its tables must name exactly the
+    """recipes.py describes fit:/reader: without importing torch; its schemas must name exactly the
     options the trainers take, with kinds that fit their defaults."""
-    from cfedit.editor import fit as ancm
-    from cfedit.eval import reader as evaluate
-    from cfedit.causal.recipes import FIT_OPTIONS, MECHANISM_OPTIONS, READER_OPTIONS, option_problem
+    from cfedit.causal.recipes import MECHANISM_OPTIONS, READER_OPTIONS, option_problem
+    from cfedit.eval import reader
     from cfedit.image.masked_training import MASKED_DEFAULTS
     from cfedit.image.train import LABELLER_DEFAULTS, MECHANISM_DEFAULTS
 
-    assert set(FIT_OPTIONS) == set(ancm.RECIPE_KEYS) and set(MECHANISM_OPTIONS) == set(ancm.MECHANISMS)
-    reader_defaults = {**LABELLER_DEFAULTS, **evaluate.READER_DEFAULTS, "mirror": False}
-    assert set(reader_defaults) == set(evaluate.READER_DEFAULTS) | set(evaluate.READER_EXTRA) | set(LABELLER_DEFAULTS)
+    reader_defaults = {**LABELLER_DEFAULTS, **reader.READER_DEFAULTS, "mirror": False}
+    assert set(reader_defaults) == set(reader.READER_DEFAULTS) | set(reader.READER_EXTRA) | set(LABELLER_DEFAULTS)
     for options, defaults in ((MECHANISM_OPTIONS["cvae"], MECHANISM_DEFAULTS),
                               (MECHANISM_OPTIONS["masked"], MASKED_DEFAULTS), (READER_OPTIONS, reader_defaults)):
         assert set(options) == set(defaults)
         for key, value in defaults.items():
             assert option_problem(options[key], value) is None, (key, value)
+
+
+def test_data_settings_match_the_built_in_scms():
+    from cfedit.causal.recipes import BARMNIST_SETTINGS
+    from cfedit.causal.scm import BUILTIN_SCMS
+    from cfedit.data.barmnist import SETTINGS
+
+    assert set(BARMNIST_SETTINGS) == set(BUILTIN_SCMS) == set(SETTINGS)
+
+
+@pytest.mark.parametrize("section, error", [
+    ("data: {barmnist: sideways}", "'data' barmnist must name a setting (backdoor, frontdoor), not 'sideways'"),
+    ("data: {folder: ''}", "'data' folder must be a path"),
+    ("fit: {skip: 1}", "'fit' (mechanism cvae): unknown key 'skip'"),
+    ("fit: {mechanism: masked, lr_decay: true}", "'fit' (mechanism masked): unknown key 'lr_decay'"),
+    ("reader: {epochs: 0}", "'reader' epochs must be a whole number of at least 1, not 0"),
+])
+def test_sections_are_checked_at_load_with_file_line_and_key(tmp_path, section, error):
+    p = tmp_path / "g.yaml"
+    p.write_text("name: g\nvariables:\n  a: [x, y]\n" + section + "\n")
+    with pytest.raises(GraphError) as e:
+        load_graph(p)
+    assert str(e.value).startswith(f"{p}:4: ") and error in str(e.value)

@@ -179,7 +179,7 @@ def test_reader_options_come_from_the_graph_recipe(graph, tmp_path):
     assert E.reader_options(g, {"epochs": 2}) == {"epochs": 2, "mirror": True}  # the caller's options win
     assert E.reader_cache_path(g, **E.reader_options(g)) != E.reader_cache_path(graph)
     assert E.reader_cache_path(graph, epochs=E.READER_DEFAULTS["epochs"]) == E.reader_cache_path(graph)
-    with pytest.raises(ValueError, match="'reader' has unknown option 'mirrror'"):
+    with pytest.raises(ValueError, match="'reader': unknown key 'mirrror'"):
         E.reader_options(replace(graph, reader={"mirrror": True}))
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cfedit.image import MaskedEditor, mechanism_from_config
-from cfedit.image.masked_training import AttributeDiscriminator, train_masked_editor
+from cfedit.image.losses import AttributeDiscriminator
+from cfedit.image.masked_training import train_masked_editor
 from tests.image.test_mechanism import Squares
 
 TINY = {"width": 8, "blocks": 1, "d_width": 8, "batch_size": 16}

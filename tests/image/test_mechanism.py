@@ -303,29 +303,3 @@ def _roundtrip(state, tmp_path):
     p = tmp_path / "s.pt"
     torch.save(state, p)
     return p
-
-
-def test_skip_connections_carry_detail_in_u_and_round_trip(tmp_path):
-    """skip=1: u_I holds the latent and the encoder's map above the base; decode(v, abduct(x, v))
-    reconstructs; the config round-trips, and a skip-free config is unchanged (old checkpoints load)."""
-    import torch
-
-    from cfedit.image import ImageMechanism
-
-    assert "skip" not in ImageMechanism(["a"], [2], 3, 64, width=8).config()
-    m = ImageMechanism(["a", "b"], [2, 3], 3, 64, width=8, latent=4, hidden=16, skip=1)
-    assert m.u_dim == 4 + 32 * 8 * 8  # widths 8, 16, 32, 32: the 8x8 map has 32 channels
-    x = (np.random.default_rng(0).random((3, 3, 64, 64)) * 255).astype(np.uint8)
-    v = np.array([[0, 1], [1, 2], [0, 0]])
-    u = m.abduct(x, v)
-    assert u.shape == (3, m.u_dim) and m.decode(v, u).shape == (3, 3, 64, 64)
-    # the skip part of u is the image's own: another image, another u
-    assert not np.allclose(u[0, 4:], u[1, 4:])
-    m2 = ImageMechanism.from_config(m.config())
-    m2.load_state_dict(m.state_dict())
-    assert np.allclose(m2.decode(v, u), m.decode(v, u))
-    with pytest.raises(ValueError, match="cannot sample"):
-        m.sample(v)
-    with pytest.raises(ValueError, match="skip must be"):
-        ImageMechanism(["a"], [2], 3, 64, skip=4)
-    assert torch.is_tensor(m.abduct(torch.from_numpy(x), torch.from_numpy(v)))

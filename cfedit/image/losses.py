@@ -1,0 +1,162 @@
+"""The training losses of the image mechanisms, each one step's losses as a module (so that
+DistributedDataParallel sees a single forward), with the discriminators they train against.
+
+- :class:`CVAELoss`: the conditional VAE's reconstruction + KL + attribute loss (a frozen labeller reads
+  the edits), optionally adversarial against a :class:`PatchDiscriminator`;
+- :class:`MaskedGANLoss`: the masked editor's adversarial, attribute, cycle and mask terms against an
+  :class:`AttributeDiscriminator` (see :mod:`cfedit.image.masked_training` for the step).
+
+The discriminators train alongside (their state is in the resume state as ``aux``) and never ship.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cfedit.image.editor import MaskedEditor
+from cfedit.image.labeller import Labeller
+from cfedit.image.mechanism import ImageMechanism, down_plan
+from cfedit.image.augment import shift_by
+
+
+
+class PatchDiscriminator(nn.Module):
+    """Real or edited, per 8x8 patch (at 64 px): three stride-2 convs and a 3x3 head, spectrally
+    normalised. Used only in training (adv_weight > 0); it never ships in a checkpoint."""
+
+    def __init__(self, channels: int, width: int = 32):
+        super().__init__()
+        sn = nn.utils.spectral_norm
+        self.net = nn.Sequential(
+            sn(nn.Conv2d(channels, width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(width, 2 * width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(2 * width, 4 * width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(4 * width, 1, 3, 1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * 2 - 1)
+
+
+class CVAELoss(nn.Module):
+    """One training step's losses as a module, so DistributedDataParallel sees a single forward."""
+
+    def __init__(self, mech: ImageMechanism, labeller: Labeller | None, beta: float, attr_weight: float,
+                 attr_shift: int = 0, disc: nn.Module | None = None, adv_weight: float = 0.0):
+        super().__init__()
+        self.mech = mech
+        self.labeller = labeller
+        self.beta, self.attr_weight = float(beta), float(attr_weight)
+        self.attr_shift = int(attr_shift)
+        self.aux = disc  # trained alongside (saved in the resume state as "aux"), never shipped
+        self.adv_weight = float(adv_weight)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.labeller is not None:
+            self.labeller.eval()  # frozen
+        return self
+
+    def forward(self, x, v, eps, v_new, offsets=None, flips=None) -> dict[str, torch.Tensor]:
+        n = len(x)
+        mu, logvar = self.mech.encode(x, v)
+        u = mu + eps.to(mu.dtype) * (0.5 * logvar).exp()
+        logits = self.mech.decoder_logits(v, u)
+        recon = F.binary_cross_entropy_with_logits(logits.float(), x, reduction="sum") / n
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).float().sum() / n
+        loss = recon + self.beta * kl
+        out = {"recon": recon, "kl": kl}
+        redrawn = torch.sigmoid(self.mech.decoder_logits(v_new, u)) if (self.labeller is not None or self.aux is not None) else None
+        if self.labeller is not None:
+            edited = redrawn
+            if offsets is not None:
+                edited = shift_by(edited, offsets, self.attr_shift)
+            if flips is not None:
+                edited = torch.where(flips[:, None, None, None], edited.flip(-1), edited)
+            attr = sum(F.cross_entropy(lg.float(), v_new[:, j]) for j, lg in enumerate(self.labeller(edited)))
+            loss = loss + self.attr_weight * attr
+            out["attr"] = attr
+        if self.aux is not None:
+            # adversarial realism of what a residual editor outputs: x + decode(v', u) - decode(v, u).
+            # One optimizer step trains both sides: the discriminator sees the edit detached, and the
+            # editor's loss goes through a frozen copy of the discriminator's weights.
+            fake = (x + redrawn - torch.sigmoid(logits)).clamp(0.0, 1.0)
+            real = x.roll(1, 0)  # other images of the batch
+            d_loss = F.softplus(-self.aux(real)).mean() + F.softplus(self.aux(fake.detach())).mean()
+            frozen = {k: t.detach() for k, t in self.aux.named_parameters()}
+            frozen.update({k: t for k, t in self.aux.named_buffers()})
+            g_adv = F.softplus(-torch.func.functional_call(self.aux, frozen, (fake,))).mean()
+            loss = loss + d_loss + self.adv_weight * g_adv
+            out["d_loss"], out["g_adv"] = d_loss, g_adv
+        out["loss"] = loss
+        return out
+
+
+class AttributeDiscriminator(nn.Module):
+    """Real or edited per patch, plus one attribute head per factor; spectrally normalised convs."""
+
+    def __init__(self, channels: int, size: int, sizes, width: int = 32):
+        super().__init__()
+        sn = nn.utils.spectral_norm
+        n, base = down_plan(size, max_down=4)
+        layers, c = [], channels
+        for i in range(n):
+            w = width * 2 ** min(i, 3)
+            layers += [sn(nn.Conv2d(c, w, 4, 2, 1)), nn.LeakyReLU(0.2)]
+            c = w
+        self.body = nn.Sequential(*layers)
+        self.adv = sn(nn.Conv2d(c, 1, 3, 1, 1))
+        self.sizes = [int(s) for s in sizes]
+        self.cls = nn.Linear(c * base * base, sum(self.sizes))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = self.body(x * 2 - 1)
+        logits = self.cls(h.flatten(1)).split(self.sizes, 1)
+        return self.adv(h).flatten(1), list(logits)
+
+
+def _ce(logits: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    return sum(F.cross_entropy(lg.float(), v[:, j]) for j, lg in enumerate(logits))
+
+
+def _tv(m: torch.Tensor) -> torch.Tensor:
+    return (m[..., 1:, :] - m[..., :-1, :]).abs().mean() + (m[..., :, 1:] - m[..., :, :-1]).abs().mean()
+
+
+class MaskedGANLoss(nn.Module):
+    """One training step's losses as a module (``aux`` is the discriminator, saved in resume state)."""
+
+    def __init__(self, editor: MaskedEditor, disc: AttributeDiscriminator, opts: Mapping):
+        super().__init__()
+        self.mech, self.aux = editor, disc
+        self.w = {k: float(opts[k]) for k in ("cls_g", "cls_d", "cycle", "mask", "smooth")}
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor, v_new: torch.Tensor,
+                seen: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``seen(images, i)``: what the discriminator reads of the real photos (i = 0) and of the
+        edits (i = 1), e.g. a random translation; the identity when None."""
+        w = self.w
+        seen = seen or (lambda t, i: t)
+        edited, m = self.mech(x, v, v_new)
+        back, m2 = self.mech(edited, v_new, v)
+        real_adv, real_cls = self.aux(seen(x, 0))
+        edited_seen = seen(edited, 1)
+        fake_adv, _ = self.aux(edited_seen.detach())
+        d_adv = F.relu(1 - real_adv).mean() + F.relu(1 + fake_adv).mean()
+        d_cls = _ce(real_cls, v)
+        frozen = {k: t.detach() for k, t in self.aux.named_parameters()}
+        frozen.update(dict(self.aux.named_buffers()))
+        g_adv_map, g_cls_logits = torch.func.functional_call(self.aux, frozen, (edited_seen,))
+        g_adv = -g_adv_map.mean()
+        g_cls = _ce(g_cls_logits, v_new)
+        cycle = (back - x).abs().mean()
+        mask = 0.5 * (m.mean() + m2.mean())
+        smooth = 0.5 * (_tv(m) + _tv(m2))
+        loss = (d_adv + w["cls_d"] * d_cls + g_adv + w["cls_g"] * g_cls + w["cycle"] * cycle
+                + w["mask"] * mask + w["smooth"] * smooth)
+        changed = (v_new != v).any(1).float().mean()
+        return {"loss": loss, "d_adv": d_adv, "d_cls": d_cls, "g_adv": g_adv, "g_cls": g_cls, "cycle": cycle,
+                "mask": mask, "smooth": smooth, "changed": changed}
