@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfedit.eval import metrics as M
+import cfedit.eval.metrics as M
 from cfedit.eval import evaluate, load_models, load_or_train_reader, write_edit_grid
 from cfedit.causal.graph_file import load_graph, shipped_dir
 

@@ -25,6 +25,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cfedit._version import __version__
 from cfedit.errors import (BoundsError, CfeditError, CheckpointError, DataError, GraphError, ImageReadError,
                            QueryError)
 
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from cfedit.causal.query import Query
     from cfedit.editor.model import ANCM
 
-__version__ = "0.1.0"
 
 #: Names served from the packages on first use (``cfedit.ANCM`` imports torch, ``cfedit.load_graph`` does not).
 _LAZY = {
@@ -53,7 +53,7 @@ _LAZY = {
     "evaluate": "cfedit.eval",
 }
 
-__all__ = ["ANCM", "Bounds", "BoundsError", "CausalGraph", "CfeditError", "CheckpointError", "DataError",
+__all__ = ["__version__", "ANCM", "Bounds", "BoundsError", "CausalGraph", "CfeditError", "CheckpointError", "DataError",
            "EditResult", "FitOptions", "GraphError", "ImageReadError", "Query", "QueryError", "bounds",
            "compute_bounds", "edit_images", "evaluate", "fit_ancm", "load", "load_graph", "observational_pv",
            "parse_query"]

@@ -18,7 +18,7 @@ from typing import IO, Any, Callable, Mapping
 
 import numpy as np
 
-from cfedit import __version__
+from cfedit._version import __version__
 from cfedit.errors import CheckpointError, GraphError  # CheckpointError re-exported
 from cfedit.files import atomic_write_bytes, open_regular, read_regular
 from cfedit.causal.graph import CausalGraph

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cfedit.eval import metrics as M
+import cfedit.eval.metrics as M
 from cfedit.eval.reader import ReaderInfo
 
 REALISM_NOTE = ("FID/KID computed in the penultimate-layer feature space of the independent reader's "

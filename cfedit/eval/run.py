@@ -32,7 +32,7 @@ import numpy as np
 from cfedit.causal.graph import CausalGraph
 from cfedit.causal.pv import cells
 from cfedit.causal.query import Query, QueryError, parse_query
-from cfedit.eval import metrics as M
+import cfedit.eval.metrics as M
 from cfedit.eval.reader import Reader, _accuracy, load_or_train_reader
 from cfedit.eval.report import (REALISM_NOTE, EvalReport, ModelMetrics, QueryEstimate, QueryReport, ValueEffect,
                                 VariableMetrics)

@@ -1,15 +1,18 @@
 """The image side of the ANCM: the image mechanism I = f_I(V, U_I) with its abduction encoder, and
 the labeller V = h(I).
 
-- :class:`ImageMechanism` (``mechanism.py``): a conditional VAE. ``abduct(images, factors) -> u``,
-  ``decode(factors, u) -> images``, ``edit(images, factual, counterfactual)``.
+- :class:`ImageMechanism` (``mechanism.py``, with the shared network parts and :class:`FactorModule`):
+  a conditional VAE. ``abduct(images, factors) -> u``, ``decode(factors, u) -> images``,
+  ``edit(images, factual, counterfactual)``.
 - :class:`MaskedEditor` (``editor.py``): draws an edit on the photo itself through an attention
-  mask (faces); trained adversarially in ``masked_training.py``. Same interface.
+  mask (faces). Same interface.
 - :class:`Labeller` (``labeller.py``): a small CNN with one head per factor; ``predict(images)``.
-- ``train.py``: ``train_labeller`` and ``train_image_mechanism`` (seeded, resumable, device-agnostic,
-  rank-aware under torchrun).
+- ``losses.py``: one training step's losses as modules, with the discriminators; ``augment.py``: the
+  random translations.
+- ``train.py``: ``train_labeller``, ``train_image_mechanism`` and the shared training loop (seeded,
+  resumable, device-agnostic, rank-aware under torchrun); ``masked_training.py``: ``train_masked_editor``.
 
-Both models are rebuilt from ``(config(), state_dict())``: ``Model.from_config(cfg)`` then
+Every model is rebuilt from ``(config(), state_dict())``: ``Model.from_config(cfg)`` then
 ``load_state_dict``; the config is plain JSON.
 """
 

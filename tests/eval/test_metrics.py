@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from cfedit.eval import metrics as M
+import cfedit.eval.metrics as M
 
 # -- proportions and verdicts -------------------------------------------------------------------
 
