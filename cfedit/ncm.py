@@ -22,9 +22,18 @@ exact properties the method needs:
    for two values). Counterfactual probabilities, and hence the query term of the extreme training,
    are therefore computed exactly given the continuous noises, with no relaxed estimator.
 
-The coupling across parent values given ``u`` is comonotone in the value order, but the continuous
-noises (``U_V[:d]`` and the clique noises) enter the network, so mixing over them reaches any
-distribution of response functions: the family is as expressive as the canonical model.
+The quantile noise is read on a circle, rotated by a learned ``r_V(pa_V, u)``: value ``v`` takes the
+arc ``[r + F(v-1), r + F(v)) mod 1``, so ``V = min{v : F_V(v | pa_V, u) > (e_V - r) mod 1}``. With
+``r = 0`` the coupling across parent values given ``u`` is comonotone in the value order; mixing
+over the continuous noises reaches any distribution of response functions only in the limit of
+saturated mechanisms (conditionals near 0 or 1 on regions of the noise). A query whose extreme
+needs a counter-monotone coupling (e.g. backdoor ``redigit_bar``, P(bar_{digit=8}=yes | digit=3,
+color=green, bar=no), whose maximum 1 needs bar=no at digit 3 to imply bar=yes at digit 8 while
+P(bar=no | 8, green) = 0.31 > P(bar=no | 3, green) = 0.265) was then out of reach: the query term
+found it only by bending P(V), and the annealed data term pulled it back to 0.17. A rotation makes
+such couplings one smooth parameter away (disjoint arcs), with no saturation. ``r`` has a network of
+its own (P(V) does not depend on it, so fitting never moves it) with a zero output layer: a fitted
+model starts at ``r = 0``, and a state saved before rotations loads with ``r = 0``.
 
 Fitting is maximum likelihood on P(V) (full batch over the support of P(V), weighted by it), with
 the integral over the continuous noises estimated by a fresh block of scrambled Sobol points each
@@ -39,8 +48,9 @@ size over the number of candidates) and the quantile noises exactly.
 **Query-extreme training** (:func:`fit_extreme`): starting from the fitted model, minimise
 ``KL(P(V) || P_model(V)) -/+ lambda_t * P_model(query)`` with ``lambda_t`` held high for a while
 and then annealed geometrically to a small value, as in the NCM papers; the query term is the
-model's exact-given-noise query probability on the training noise block, with a straight-through
-smoothed gradient for intersections of intervals (see :meth:`NCM._spec_probs`). The max and min
+model's exact-given-noise query probability on the training noise block, with the exact gradient
+of intersections of arcs and a softplus gradient for empty ones (see :meth:`NCM._arcs`), and the
+gradient norm clipped at 1. The max and min
 models give the NCM's interval (:func:`ncm_bounds`). Every model fits P(V) and respects G, so its
 value lies inside the optimal bounds up to fit and quadrature error; the extreme models push toward
 the bounds. The interval is an inner one found by local optimisation: it is never certified.

@@ -260,9 +260,15 @@ def test_ncm_bounds_api(backdoor):
 # -- query-extreme training (slow) ------------------------------------------------------------------
 
 
+NAMED = [(g, q) for g in ("backdoor", "frontdoor") for q in load_graph(g).queries.values()]
+NAMED_IDS = [f"{g}-{n}" for g in ("backdoor", "frontdoor") for n in load_graph(g).queries]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name,query", list(KNOWN))
+@pytest.mark.parametrize("name,query", NAMED, ids=NAMED_IDS)
 def test_extremes_reach_the_bounds(name, query):
+    """Every named query of both shipped graphs: the max/min NCMs reach the exact interval within
+    0.05 while fitting P(V) (issue 18: redigit_bar used to stop at 0.17 of [0, 1])."""
     graph, pv, model = setting(name)
     lower, upper = exact_bounds(graph, pv, query)
     nb = ncm_bounds(graph, pv, query, seed=0, base=model)
