@@ -285,6 +285,13 @@ def test_cli_reports_zero_evidence_rows_as_undefined(tmp_path):
     line = next(x for x in r.stdout.splitlines() if "recolor_red" in x)
     assert "undefined" in line and "probability zero" in line
     assert "red_bar_effect" in r.stdout
+    # with --method ncm an undefined row trains nothing and says why
+    q = load_graph("backdoor").queries["recolor_red"]
+    r = runner.invoke(app, ["bounds", "--graph", "backdoor", "--data", str(labels), "--method", "ncm",
+                            "-q", q, "--json"])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)["bounds"]
+    assert row["ncm_lower"] is None and row["ncm_upper"] is None and "probability zero" in row["undefined"]
 
 
 def test_too_large_component_fails_fast():
