@@ -218,13 +218,18 @@ def bounds(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for the NCM route."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Optimal (sharp) bounds of counterfactual queries given the graph and P(V)."""
-    from cfedit.causal.pv import check_pv_size
-    from cfedit.data import observational_pv
-    from cfedit.causal.bounds import compute_bounds
+    """Optimal (sharp) bounds of counterfactual queries given the graph and P(V).
+
+    A query whose evidence has probability zero is undefined: its row says so and why (lower and
+    upper are null in --json, with the reason under "undefined"), and the other queries are answered.
+    """
+    from cfedit.causal.bounds import ZeroEvidenceBoundsError, compute_bounds
     from cfedit.causal.graph_file import load_graph
+    from cfedit.causal.pv import check_pv_size
     from cfedit.causal.query import parse_query
     from cfedit.causal.scm import scm_for_graph
+    from cfedit.data import observational_pv
+    from cfedit.errors import QueryError
 
     if method not in ("exact", "ncm"):
         raise UsageFailure(f"--method: unknown method {method!r} (exact, ncm)")
@@ -240,17 +245,33 @@ def bounds(
 
     rows = []
     for name, q in parsed:
-        b = compute_bounds(g, pv, q)
+        try:
+            b = compute_bounds(g, pv, q)
+        except ZeroEvidenceBoundsError as e:  # this row is undefined; the others are still answered
+            row = {"name": name, "query": str(q), "lower": None, "upper": None, "method": None,
+                   "certified": None, "seconds": None, "undefined": str(e)}
+            if truth is not None:
+                row["true"] = None
+            if method == "ncm":
+                row.update(ncm_lower=None, ncm_upper=None, ncm_seconds=None)
+            rows.append(row)
+            continue
         row = {"name": name, "query": str(q), "lower": b.lower, "upper": b.upper, "method": b.method,
                "certified": b.certified, "seconds": b.seconds}
         if truth is not None:
-            row["true"] = truth.prob(q)
+            try:
+                row["true"] = truth.prob(q)
+            except QueryError:
+                row["true"] = None
         if method == "ncm":
-            from cfedit.features.ncm import ncm_bounds
+            from cfedit.features.ncm import ZeroEvidenceError, ncm_bounds
 
-            with err_console.status(f"training the NCM's max and min models for {name or q}"):
-                nb = ncm_bounds(g, pv, q, seed=seed)
-            row.update(ncm_lower=nb.lower, ncm_upper=nb.upper, ncm_seconds=nb.seconds)
+            try:
+                with err_console.status(f"training the NCM's max and min models for {name or q}"):
+                    nb = ncm_bounds(g, pv, q, seed=seed)
+                row.update(ncm_lower=nb.lower, ncm_upper=nb.upper, ncm_seconds=nb.seconds)
+            except ZeroEvidenceError as e:
+                row.update(ncm_lower=None, ncm_upper=None, ncm_seconds=None, ncm_undefined=str(e))
         rows.append(row)
 
     if as_json:
@@ -267,14 +288,26 @@ def bounds(
         t.add_column(col, justify="right")
     t.add_column("certified")
     t.add_column("ms", justify="right")
-    for r in rows:
-        cells = [r["name"] or "-", r["query"], f"{r['lower']:.4f}", f"{r['upper']:.4f}"]
+    notes = [r.get("undefined") or r.get("ncm_undefined") for r in rows]
+    if any(notes):
+        t.add_column("note", overflow="fold")
+
+    def num(x):
+        return "undefined" if x is None else f"{x:.4f}"
+
+    for r, note in zip(rows, notes):
+        cells = [r["name"] or "-", r["query"], num(r["lower"]), num(r["upper"])]
         if truth is not None:
-            cells.append(f"{r['true']:.4f}")
+            cells.append(num(r["true"]))
         if method == "ncm":
-            cells += [f"{r['ncm_lower']:.4f}", f"{r['ncm_upper']:.4f}"]
-        cells += ["yes" if r["certified"] else "no (outer bound)", f"{1000 * r['seconds']:.1f}"]
+            cells += [num(r["ncm_lower"]), num(r["ncm_upper"])]
+        if r["certified"] is None:
+            cells += ["-", "-"]
+        else:
+            cells += ["yes" if r["certified"] else "no (outer bound)", f"{1000 * r['seconds']:.1f}"]
         # (the NCM interval is never certified: it is what two trained models reached)
+        if any(notes):
+            cells.append(escape((note or "").replace(f"the evidence of {r['query']}", "the evidence")))
         t.add_row(*cells)
     out.print(t)
 

@@ -53,6 +53,12 @@ _MAX_MONOMIALS = 500_000
 _DENSE_LIMIT = 20_000_000  # entries of a dense constraint matrix for the row-space test
 
 
+class ZeroEvidenceBoundsError(BoundsError):
+    """The query is undefined: its evidence has probability zero (under P(V), under the graph's
+    model of P(V), or under every compatible model). The message says which; other queries on the
+    same graph and P(V) may still be answered."""
+
+
 @dataclass(frozen=True)
 class Bounds:
     """The interval [lower, upper] of a query over all models compatible with G and P(V).
@@ -788,21 +794,21 @@ def solve_bounds(graph: CausalGraph, pv: np.ndarray, terms: Sequence[tuple[float
 
     if factual_ev:
         if _factual_prob(graph, problem.pv, evidence_terms) <= 0:
-            raise BoundsError(f"the evidence of {text} has probability zero under P(V)")
+            raise ZeroEvidenceBoundsError(f"the evidence of {text} has probability zero under P(V)")
         # P(evidence) under the graph's factorisation of P(V) (Tian's Q-factors), the same one the
         # numerator uses: where the data break the graph's independences the empirical P(evidence)
         # differs, and their ratio would violate consistency (P(Y_x = y | X = x, Y = y, ...) < 1).
         D = _polynomial(problem, spaces, [(1.0, den_monos)])
         p_e = float((D.coef * D.const).sum()) if not D.F else _factual_prob(graph, problem.pv, evidence_terms)
         if p_e <= 1e-15:
-            raise BoundsError(f"the evidence of {text} has probability zero under the graph's model of P(V)")
+            raise ZeroEvidenceBoundsError(f"the evidence of {text} has probability zero under the graph's model of P(V)")
         D = None
     else:
         D = _polynomial(problem, spaces, [(1.0, den_monos)])
         if not D.F:
             p_e = float((D.coef * D.const).sum())
             if p_e <= 1e-15:
-                raise BoundsError(f"the evidence of {text} has probability zero under every model")
+                raise ZeroEvidenceBoundsError(f"the evidence of {text} has probability zero under every model")
             D = None
 
     varying = sorted(set(N.F) | (set(D.F) if D is not None else set()))
@@ -875,7 +881,7 @@ def _fractional(space: ComponentSpace, N: _Poly, D: _Poly, ci: int):
                               "(or P(V) is not compatible with the graph)") from None
         t = x[n]
         if t <= 1e-12:
-            raise BoundsError("the counterfactual evidence has probability zero under every model")
+            raise ZeroEvidenceBoundsError("the counterfactual evidence has probability zero under every model")
         out.append(val)
         sols[side] = {ci: x[:n] / t}
     return out[0], out[1], sols

@@ -22,9 +22,18 @@ exact properties the method needs:
    for two values). Counterfactual probabilities, and hence the query term of the extreme training,
    are therefore computed exactly given the continuous noises, with no relaxed estimator.
 
-The coupling across parent values given ``u`` is comonotone in the value order, but the continuous
-noises (``U_V[:d]`` and the clique noises) enter the network, so mixing over them reaches any
-distribution of response functions: the family is as expressive as the canonical model.
+The quantile noise is read on a circle, rotated by a learned ``r_V(pa_V, u)``: value ``v`` takes the
+arc ``[r + F(v-1), r + F(v)) mod 1``, so ``V = min{v : F_V(v | pa_V, u) > (e_V - r) mod 1}``. With
+``r = 0`` the coupling across parent values given ``u`` is comonotone in the value order; mixing
+over the continuous noises reaches any distribution of response functions only in the limit of
+saturated mechanisms (conditionals near 0 or 1 on regions of the noise). A query whose extreme
+needs a counter-monotone coupling (e.g. backdoor ``redigit_bar``, P(bar_{digit=8}=yes | digit=3,
+color=green, bar=no), whose maximum 1 needs bar=no at digit 3 to imply bar=yes at digit 8 while
+P(bar=no | 8, green) = 0.31 > P(bar=no | 3, green) = 0.265) was then out of reach: the query term
+found it only by bending P(V), and the annealed data term pulled it back to 0.17. A rotation makes
+such couplings one smooth parameter away (disjoint arcs), with no saturation. ``r`` has a network of
+its own (P(V) does not depend on it, so fitting never moves it) with a zero output layer: a fitted
+model starts at ``r = 0``, and a state saved before rotations loads with ``r = 0``.
 
 Fitting is maximum likelihood on P(V) (full batch over the support of P(V), weighted by it), with
 the integral over the continuous noises estimated by a fresh block of scrambled Sobol points each
@@ -39,8 +48,9 @@ size over the number of candidates) and the quantile noises exactly.
 **Query-extreme training** (:func:`fit_extreme`): starting from the fitted model, minimise
 ``KL(P(V) || P_model(V)) -/+ lambda_t * P_model(query)`` with ``lambda_t`` held high for a while
 and then annealed geometrically to a small value, as in the NCM papers; the query term is the
-model's exact-given-noise query probability on the training noise block, with a straight-through
-smoothed gradient for intersections of intervals (see :meth:`NCM._spec_probs`). The max and min
+model's exact-given-noise query probability on the training noise block, with the exact gradient
+of intersections of arcs and a softplus gradient for empty ones (see :meth:`NCM._arcs`), and the
+gradient norm clipped at 1. The max and min
 models give the NCM's interval (:func:`ncm_bounds`). Every model fits P(V) and respects G, so its
 value lies inside the optimal bounds up to fit and quadrature error; the extreme models push toward
 the bounds. The interval is an inner one found by local optimisation: it is never certified.
@@ -180,20 +190,43 @@ class _Mechanism(nn.Module):
             body += [nn.SiLU(), nn.Linear(hidden, hidden)]
         body += [nn.SiLU(), nn.Linear(hidden, k)]
         self.body = nn.Sequential(*body)
+        # The rotation r(pa, u) of the quantile noise (see NCM._arcs): a network of its own, so that
+        # fitting P(V) (which does not depend on r) never moves it, and an extreme model keeps the
+        # coupling its query found while the annealed data term pulls the logits back onto P(V).
+        # Zero output layer: a model starts with r = 0, the comonotone coupling; a state saved
+        # without it loads with r = 0, its old behaviour exactly.
+        # (drawn from a forked generator: the other networks' initialisation stays as it was)
+        rh = max(8, hidden // 4)
+        with torch.random.fork_rng(devices=[]):
+            self.rot_pa = nn.Linear(pa_dim, rh, bias=False) if pa_dim else None
+            self.rot_noise = nn.Linear(noise_in, rh)
+            self.rot_out = nn.Linear(rh, 1)
+        nn.init.zeros_(self.rot_out.weight)
+        nn.init.zeros_(self.rot_out.bias)
 
-    def table(self, onehots: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Logits [N, P, k] for every noise point (u: [N, d]) and parent configuration ([P, pa_dim])."""
+    def _rot(self, pa: torch.Tensor | None, u: torch.Tensor, table: bool) -> torch.Tensor:
+        h = self.rot_noise(self.gain * (2 * u - 1))
+        if table:
+            h = h[:, None, :]
+        if self.rot_pa is not None:
+            h = h + (self.rot_pa(pa)[None, :, :] if table else self.rot_pa(pa))
+        return self.rot_out(nn.functional.silu(h))[..., 0]
+
+    def table(self, onehots: torch.Tensor, u: torch.Tensor, rot: bool = False):
+        """Logits [N, P, k] for every noise point (u: [N, d]) and parent configuration ([P, pa_dim]);
+        with ``rot`` also the rotations [N, P]."""
         h = self.noise(self.gain * (2 * u - 1))[:, None, :]
         if self.pa is not None:
             h = h + self.pa(onehots)[None, :, :]
-        return self.body(h)
+        return (self.body(h), self._rot(onehots, u, True)) if rot else self.body(h)
 
-    def rows(self, onehot_rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Logits [M, k] for paired rows of parents ([M, pa_dim]) and noise ([M, d])."""
+    def rows(self, onehot_rows: torch.Tensor, u: torch.Tensor, rot: bool = False):
+        """Logits [M, k] for paired rows of parents ([M, pa_dim]) and noise ([M, d]); with ``rot``
+        also the rotations [M]."""
         h = self.noise(self.gain * (2 * u - 1))
         if self.pa is not None:
             h = h + self.pa(onehot_rows)
-        return self.body(h)
+        return (self.body(h), self._rot(onehot_rows, u, False)) if rot else self.body(h)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,6 +337,13 @@ class NCM:
     def _logit_tables(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         return {v: self.mech[v].table(self._onehots[v], u[:, self._noise_cols[v]]) for v in self.graph.names}
 
+    def _tables(self, u: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Logit tables [N, P, k] and rotation tables [N, P] of every factor."""
+        logits, rots = {}, {}
+        for v in self.graph.names:
+            logits[v], rots[v] = self.mech[v].table(self._onehots[v], u[:, self._noise_cols[v]], rot=True)
+        return logits, rots
+
     @staticmethod
     def _cdf(logits: torch.Tensor) -> torch.Tensor:
         """[..., k] logits -> [..., k+1] CDF with exact 0 and 1 at the ends."""
@@ -393,8 +433,15 @@ class NCM:
 
     # -- evaluating specs -----------------------------------------------------------------------
 
-    def _spec_probs(self, spec: _Spec, cdfs: Mapping[str, torch.Tensor], tau: float = 0.0) -> torch.Tensor:
+    def _spec_probs(self, spec: _Spec, cdfs: Mapping[str, torch.Tensor], tau: float = 0.0,
+                    rots: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """[N, C] probability of each enumerated combination given each noise point.
+
+        ``rots`` (v -> [N, P]): the rotations of the quantile noise; value ``x`` of V at parents
+        ``pa`` then takes the arc ``[r + F(x-1), r + F(x)) mod 1`` of the circle (``None``: r = 0,
+        plain intervals). The joint of several copies of V is the length of the intersection of
+        their arcs: each arc is ``([s, e) U [s-1, e-1)) & [0, 1)`` with ``s`` in [0, 1), and the
+        pieces of one arc are disjoint, so the length is a sum over the 2**copies choices of piece.
 
         ``tau > 0`` (training only): the value stays exact but the gradient of an intersection of
         several intervals is that of a smoothed one (soft max of the lower ends, soft min of the
@@ -414,6 +461,9 @@ class NCM:
             if len(cps) == 1:
                 out = out * (his[0] - los[0])
                 continue
+            if rots is not None:
+                out = out * self._arcs(rots[v], cps, los, his, tau)
+                continue
             lo, hi = torch.stack(los).amax(0), torch.stack(his).amin(0)
             length = torch.clamp(hi - lo, min=0.0)
             if tau > 0:
@@ -424,6 +474,34 @@ class NCM:
             out = out * length
         return out
 
+    @staticmethod
+    def _arcs(rot: torch.Tensor, cps, los, his, tau: float) -> torch.Tensor:
+        """Length of the intersection of the rotated arcs of several copies of one factor."""
+        starts, ends = [], []
+        for (pidx, _), lo, hi in zip(cps, los, his):
+            x = rot[:, pidx] + lo
+            start = x - torch.floor(x).detach()  # in [0, 1); the gradient passes through
+            starts.append(start)
+            ends.append(start + (hi - lo))
+        s, e = torch.stack(starts), torch.stack(ends)                     # [n, N, C]
+        n = s.shape[0]
+        zero, one = torch.zeros_like(s[:1]), torch.ones_like(e[:1])
+        exact, soft = 0.0, 0.0
+        for choice in itertools.product((0.0, 1.0), repeat=n):
+            c = torch.tensor(choice, dtype=s.dtype).view(n, *([1] * (s.dim() - 1)))
+            los_c = torch.cat([zero, s - c])
+            his_c = torch.cat([one, e - c])
+            gap = his_c.amin(0) - los_c.amax(0)
+            piece = torch.clamp(gap, min=0.0)
+            exact = exact + piece
+            if tau > 0:
+                # an empty piece gets the gradient of a softplus, which pulls near-misses together
+                # (the exact length is flat there); a non-empty one keeps its exact gradient, so the
+                # query term's gradient stays that of the exact probability wherever arcs meet
+                sp = tau * nn.functional.softplus(gap / tau)
+                soft = soft + torch.where(gap > 0, piece, sp - sp.detach())
+        return soft if tau > 0 else exact  # the same value; soft carries the training gradient
+
     @torch.no_grad()
     def _eval_specs(self, specs: Sequence[_Spec], chunk: int = 4096) -> list[np.ndarray]:
         """Per-combination probabilities of each spec, integrated over the fixed Sobol points."""
@@ -431,9 +509,11 @@ class NCM:
         sums = [torch.zeros(s.n_combos, dtype=torch.float64) for s in specs]
         for start in range(0, u_all.shape[0], chunk):
             u = u_all[start:start + chunk]
-            cdfs = {v: self._cdf(t).double() for v, t in self._logit_tables(u).items()}
+            logits, rots = self._tables(u)
+            cdfs = {v: self._cdf(t).double() for v, t in logits.items()}
+            rots = {v: t.double() for v, t in rots.items()}
             for i, s in enumerate(specs):
-                sums[i] += self._spec_probs(s, cdfs).sum(0)
+                sums[i] += self._spec_probs(s, cdfs, rots=rots).sum(0)
         return [(s / u_all.shape[0]).numpy() for s in sums]
 
     def _all_spec(self, do: Mapping[str, int] | None = None) -> _Spec:
@@ -583,10 +663,11 @@ class NCM:
             bounds = []
             for v in g.names:
                 pidx = int(self._pa_index(v, [np.array([row[g.axis(p)]]) for p in self._pa[v]], 1)[0])
-                logits = self.mech[v].rows(self._onehots[v][pidx].expand(n_cand, -1), cand[:, self._noise_cols[v]])
+                logits, rot = self.mech[v].rows(self._onehots[v][pidx].expand(n_cand, -1),
+                                                cand[:, self._noise_cols[v]], rot=True)
                 cdf = self._cdf(logits).double()
                 val = int(row[g.axis(v)])
-                bounds.append((cdf[:, val], cdf[:, val + 1]))
+                bounds.append((cdf[:, val], cdf[:, val + 1], rot.double()))
                 logw += torch.log_softmax(logits.double(), dim=-1)[:, val]
             if not torch.isfinite(logw).any():
                 labels = ", ".join(f"{v}={g[v].values[int(x)]}" for v, x in zip(g.names, row))
@@ -603,9 +684,10 @@ class NCM:
                 pick = torch.from_numpy(categorical(w.numpy(), per_unit[rows, :, 0]))
                 r = torch.from_numpy(per_unit[rows, :, 1:])
             u_rows[rows] = cand[pick]
-            for i, (lo, hi) in enumerate(bounds):
+            for i, (lo, hi, rot) in enumerate(bounds):
                 a, b = lo[pick], hi[pick]
-                eps[rows, :, i] = a + (b - a) * r[:, :, i]
+                e = rot[pick] + a + (b - a) * r[:, :, i]  # uniform on the value's arc of the circle
+                eps[rows, :, i] = e - torch.floor(e)
         self.last_abduction = {
             "acceptance_rate": float(np.mean(accept)), "min_acceptance_rate": float(np.min(accept)),
             "candidates": n_cand, "evidence_prob_min": float(np.min(p_ev)),
@@ -625,9 +707,12 @@ class NCM:
             pa = self._pa[v]
             pvals = [cf[:, g.axis(p)] for p in pa]
             pidx = self._pa_index(v, pvals, n * m)
-            logits = self.mech[v].rows(self._onehots[v][torch.as_tensor(pidx)], flat_u[:, self._noise_cols[v]])
+            logits, rot = self.mech[v].rows(self._onehots[v][torch.as_tensor(pidx)],
+                                            flat_u[:, self._noise_cols[v]], rot=True)
             cdf = self._cdf(logits).double()
-            new = (cdf[:, 1:-1] <= flat_eps[:, i:i + 1]).sum(1).numpy()
+            e = flat_eps[:, i:i + 1] - rot.double()[:, None]
+            e = e - torch.floor(e)  # the quantile noise, unrotated at the new parents
+            new = (cdf[:, 1:-1] <= e).sum(1).numpy()
             same = np.all(np.stack([cf[:, g.axis(p)] == fac_flat[:, g.axis(p)] for p in pa]), axis=0) \
                 if pa else np.ones(n * m, dtype=bool)
             cf[:, i] = np.where(same, fac_flat[:, i], new)  # unchanged parents: exactly the factual value
@@ -650,6 +735,10 @@ class NCM:
             raise NCMError(f"the NCM state was trained on a different graph than {graph.name!r}")
         model = cls(graph, NCMConfig.from_dict(config.get("ncm", {})), seed=int(config.get("seed", 0)))
         sd = {k[len("mech."):]: torch.as_tensor(np.asarray(v)) for k, v in arrays.items() if k.startswith("mech.")}
+        # a state saved before the rotation heads: r = 0, the comonotone coupling it was trained with
+        for k, v in model.mech.state_dict().items():
+            if ".rot_" in k and k not in sd and any(x.startswith(k.split(".rot_")[0] + ".") for x in sd):
+                sd[k] = torch.zeros_like(v)
         try:
             model.mech.load_state_dict(sd, strict=True)
         except RuntimeError as e:
@@ -671,11 +760,12 @@ class NCM:
 # ----------------------------------------------------------------------------------------------
 
 
-def _query_prob_torch(model: NCM, spec_te: _Spec, spec_e: _Spec | None, cdfs, tau: float = 0.0) -> torch.Tensor:
-    p_te = model._spec_probs(spec_te, cdfs, tau).sum(1).mean()
+def _query_prob_torch(model: NCM, spec_te: _Spec, spec_e: _Spec | None, cdfs, tau: float = 0.0,
+                      rots=None) -> torch.Tensor:
+    p_te = model._spec_probs(spec_te, cdfs, tau, rots).sum(1).mean()
     if spec_e is None:
         return p_te
-    p_e = model._spec_probs(spec_e, cdfs, tau).sum(1).mean()
+    p_e = model._spec_probs(spec_e, cdfs, tau, rots).sum(1).mean()
     return p_te / p_e.clamp_min(1e-12)
 
 
@@ -743,13 +833,14 @@ def _train_extreme(model: NCM, cfg: NCMConfig, steps: int, side: str, seed: int,
         lam = cfg.lambda_high * (cfg.lambda_low / cfg.lambda_high) ** frac
         tau = cfg.tau_high * (cfg.tau_low / cfg.tau_high) ** frac
         u = engine.draw(2 ** cfg.extreme_batch_log2).float()
-        logits = model._logit_tables(u)
+        logits, rots = model._tables(u)
         kl = model._kl(logits, weights, gathers, entropy)
         cdfs = {v: model._cdf(t) for v, t in logits.items()}
-        qv = _query_prob_torch(model, spec_te, spec_e, cdfs, tau)
+        qv = _query_prob_torch(model, spec_te, spec_e, cdfs, tau, rots)
         loss = kl + sign * lam * qv
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        nn.utils.clip_grad_norm_(model.mech.parameters(), 1.0)
         opt.step()
         sched.step()
         if progress is not None:

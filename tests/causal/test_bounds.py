@@ -233,6 +233,67 @@ def test_zero_probability_evidence():
     assert (b.lower, b.upper) == (0.0, 1.0)
 
 
+def test_zero_probability_evidence_is_its_own_error():
+    from cfedit.causal.bounds import ZeroEvidenceBoundsError
+
+    g = graph_from_dict({"name": "xy", "variables": {"x": [0, 1], "y": [0, 1]}, "edges": ["x -> y"]})
+    pv = np.array([[0.3, 0.7], [0.0, 0.0]])
+    with pytest.raises(ZeroEvidenceBoundsError, match="probability zero under P"):
+        compute_bounds(g, pv, "P(y_{x=0}=1 | x=1)")
+    assert issubclass(ZeroEvidenceBoundsError, BoundsError)
+
+
+def _labels_without_digit_7(tmp_path):
+    """A labels file of the backdoor graph in which no unit has digit 7 (so recolor_red's evidence,
+    digit=7, color=green, bar=yes, has probability zero) but every other named query is defined."""
+    _, values = builtin_scm("backdoor").sample(4000, seed=1)
+    g = load_graph("backdoor")
+    rows = ["image_id,digit,color,bar"]
+    for i, v in enumerate(values):
+        if int(v[g.axis("digit")]) == 7:
+            continue
+        labels = [g[name].values[int(v[g.axis(name)])] for name in g.names]
+        rows.append(f"{i:06d}.png," + ",".join(str(x) for x in labels))
+    path = tmp_path / "labels.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_cli_reports_zero_evidence_rows_as_undefined(tmp_path):
+    """One query with zero-probability evidence does not abort the table or --json (issue 18)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cfedit.cli import app
+
+    labels = _labels_without_digit_7(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(app, ["bounds", "--graph", "backdoor", "--data", str(labels), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in json.loads(r.stdout)["bounds"]}
+    assert set(rows) == set(load_graph("backdoor").queries)
+    bad = rows["recolor_red"]
+    assert bad["lower"] is None and bad["upper"] is None
+    assert "probability zero" in bad["undefined"] and "digit=7" in bad["undefined"]
+    for name, row in rows.items():
+        if name != "recolor_red":
+            assert "undefined" not in row, name
+            assert 0.0 <= row["lower"] <= row["upper"] <= 1.0, name
+    r = runner.invoke(app, ["bounds", "--graph", "backdoor", "--data", str(labels)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.stdout.splitlines() if "recolor_red" in x)
+    assert "undefined" in line and "probability zero" in line
+    assert "red_bar_effect" in r.stdout
+    # with --method ncm an undefined row trains nothing and says why
+    q = load_graph("backdoor").queries["recolor_red"]
+    r = runner.invoke(app, ["bounds", "--graph", "backdoor", "--data", str(labels), "--method", "ncm",
+                            "-q", q, "--json"])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)["bounds"]
+    assert row["ncm_lower"] is None and row["ncm_upper"] is None and "probability zero" in row["undefined"]
+
+
 def test_too_large_component_fails_fast():
     g = graph_from_dict({"name": "big", "variables": {"a": [str(i) for i in range(20)], "b": ["no", "yes"]},
                          "edges": ["a -> b"], "confounders": ["a <-> b"]})
