@@ -161,8 +161,7 @@ def _on_error(e: BaseException, job: Job) -> BaseException:
             return e
         return PeerFailed(f"rank {job.rank}: {_first_line(e)}", quiet=True,
                           code=1 if isinstance(e, Exception) else 130)
-    reported = _failure_recorded()
-    if reported or not job.main:
+    if not job.main or _failure_recorded():  # only rank 0 asks the store (hosted on its side)
         return PeerFailed(f"rank {job.rank}: a peer failed ({_first_line(e)})", quiet=True)
     return PeerFailed(f"another process of this {job.world}-process training job failed or stopped answering "
                       f"({_first_line(e)}); see its log and torchrun's report", quiet=False)
