@@ -57,9 +57,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def without_agent(args: list[str], **extra) -> list[tuple[int, str]]:
+def without_agent(args: list[str], kill_after: list[int] | None = None, **extra) -> list[tuple[int, str]]:
     """Two worker processes with torchrun's environment but no torchrun agent to kill the survivors:
-    (exit status, output) per rank."""
+    (exit status, output) per rank. With ``kill_after``: once those ranks have ended, kill the others
+    (a hung rank; their status is then None)."""
     port = free_port()
     procs = []
     for r in range(2):
@@ -68,6 +69,17 @@ def without_agent(args: list[str], **extra) -> list[tuple[int, str]]:
         procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=e, cwd=REPO, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     try:
+        if kill_after is not None:
+            for r in kill_after:
+                procs[r].wait(timeout=TIMEOUT)
+            ended = []
+            for p in procs:
+                hung = p.poll() is None
+                if hung:
+                    p.kill()
+                    p.wait()
+                ended.append((None if hung else p.returncode, p.stdout.read()))
+            return ended
         return [(p.wait(timeout=TIMEOUT), p.stdout.read()) for p in procs]
     finally:
         for p in procs:
@@ -160,3 +172,38 @@ def test_a_fit_on_two_processes_resumes_on_one(tmp_path, mnist_root):
     for k, v in saved["labeller"]["model"].items():
         assert np.array_equal(v.numpy(), model.labeller.state_dict()[k].numpy()), k
     assert np.isfinite(summary["train_loss_mechanism"])
+
+
+@pytest.mark.slow  # waits out a 15 s group timeout
+def test_a_rank_that_stops_answering_ends_the_job_after_the_timeout(tmp_path, mnist_root):
+    graph = tiny_graph(tmp_path)
+    (rc0, out0), _ = without_agent(fit_args(graph, tmp_path / "x.safetensors", mnist_root), kill_after=[0],
+                                   CFEDIT_TEST_HANG="1:3", CFEDIT_DIST_TIMEOUT=15)
+    assert rc0 == 1, out0[-2000:]
+    lines = [line for line in out0.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("cfedit: error: another process of this 2-process training job "
+                                                   "failed or stopped answering"), lines
+
+
+@pytest.mark.slow
+def test_a_fit_on_one_process_resumes_on_two(tmp_path, mnist_root):
+    recipe = RECIPE.replace("epochs: 1, labeller", "epochs: 2, labeller")
+    graph = tiny_graph(tmp_path, recipe)
+    out = tmp_path / "r.safetensors"
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(stage, step, total, metrics):
+        if stage == "mechanism" and metrics.get("epoch") == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit_ancm(load_graph(graph), out, FitOptions(n_train=N, n_eval=64, mnist_root=str(mnist_root)),
+                 progress=interrupt)
+    assert partial_path(out).exists()
+    r = torchrun(fit_args(graph, out, mnist_root, "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = load_checkpoint(out).extra["distributed"]
+    assert d["world_size"] == 2 and d["earlier_runs"] == [{"world_size": 1, "backend": None}]
+    assert d["samples_per_rank"]["mechanism"] == [N // 2, N // 2]
