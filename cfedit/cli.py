@@ -317,15 +317,39 @@ def bounds(
 # ----------------------------------------------------------------------------------------------
 
 
+def in_process_group(fn: Callable) -> Callable:
+    """Run a command inside torchrun's process group when torchrun started it (cfedit.distributed):
+    ``--device`` becomes this local rank's device; a rank that stops because another failed exits 1
+    quietly (the failing rank prints the one line)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from cfedit import distributed
+        from cfedit.device import resolve_device
+
+        if not distributed.launched():
+            return fn(*args, **kwargs)
+        try:
+            with distributed.process_group(resolve_device(kwargs.get("device", "auto"))) as job:
+                return fn(*args, **{**kwargs, "device": job.device})
+        except distributed.PeerFailed as e:
+            if not e.quiet:
+                fail(str(e), e.code)
+            raise typer.Exit(e.code) from None
+
+    return wrapper
+
+
 @app.command()
 @handles_errors
+@in_process_group
 def fit(
     graph: str = typer.Option(..., "--graph", "-g", help="Graph file or shipped graph name."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Checkpoint to write (default: runs/<graph>-<features>.safetensors)."),
     features: str = typer.Option("canonical", "--features", help="Feature model: canonical (exact) | ncm | none | conditional | markovian"),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs of the image mechanism (default: its default)."),
     labeller_epochs: Optional[int] = typer.Option(None, "--labeller-epochs", min=1),
-    n: Optional[int] = typer.Option(None, "--n", min=1, help="Training images (default: all of the split)."),
+    n: Optional[int] = typer.Option(None, "--n", "--n-train", min=1, help="Training images (default: all of the split; under torchrun spell it --n-train, which torchrun does not take for its own --nnodes)."),
     data: Optional[str] = typer.Option(None, "--data", help="Image folder (or zip) with labels, instead of the graph's data."),
     mnist_root: Optional[Path] = typer.Option(None, "--mnist-root", help=MNIST_ROOT_HELP),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
@@ -340,6 +364,7 @@ def fit(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from cfedit.device import resolve_device
+    from cfedit.distributed import is_main
     from cfedit.editor.fit import FitOptions, fit_ancm, partial_path
     from cfedit.features import FAMILIES
     from cfedit.files import check_writable
@@ -353,7 +378,7 @@ def fit(
     if target.exists() and not force:
         raise UsageFailure(f"{target} exists; pass --force to overwrite it or --out another path")
     check_writable(target, "checkpoint")  # before minutes of training, not at the first save
-    if resume and not partial_path(target).exists():
+    if resume and is_main() and not partial_path(target).exists():
         err_console.print(f"note: no {partial_path(target)} to resume from; starting afresh", markup=False)
     opts = FitOptions(features=features, epochs=epochs, labeller_epochs=labeller_epochs, n_train=n,
                       device=resolve_device(device), seed=seed, data=data, residual=residual,
@@ -361,7 +386,7 @@ def fit(
                       init_from=str(init_from) if init_from else None)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False) as bar:
+    with Progress(*columns, console=err_console, transient=False, disable=not is_main()) as bar:
         tasks: dict[str, int] = {}
 
         last_epoch: dict[str, int] = {}
@@ -378,7 +403,7 @@ def fit(
                 last_epoch[stage] = metrics.get("epoch")
                 err_console.print(f"{stage} step {step}/{total} {info}", markup=False, highlight=False)
 
-        _, summary = fit_ancm(g, target, opts, resume=resume, progress=progress)
+        _, summary = fit_ancm(g, target, opts, resume=resume, progress=progress if is_main() else None)
     if not summary:  # a non-zero rank under torchrun: rank 0 writes and reports
         return
     out.print(f"wrote {target}", markup=False, highlight=False)

@@ -96,20 +96,28 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
     and a summary: fit of P(V) (total variation), labeller accuracy and null-edit error on the test
     split, and the seconds per stage.
     """
+    from dataclasses import replace
+
     import torch
 
     from cfedit.data import dataset_for_graph
+    from cfedit.distributed import agree_seed, broadcast_object, is_main, job_info
     from cfedit.image import train_image_mechanism, train_labeller
     from cfedit.image.masked_training import train_masked_editor
 
     o = resolve_options(graph, options)
+    o = replace(o, seed=agree_seed(o.seed))  # under torchrun: every rank draws from rank 0's seed
     out = Path(out)
     device = torch.device(o.device)
-    state = (_load_partial(out) if resume else None) or {}
+    # under torchrun rank 0 reads the resume state and hands it to the others (no shared disk needed);
+    # the state does not depend on the world size, so a run may resume on another number of processes
+    state = broadcast_object((_load_partial(out) if resume and is_main() else None) or {})
     if state and state.get("graph_hash") != graph.structure_hash():
         raise ValueError(f"{partial_path(out)} belongs to another graph; delete it or fit without --resume")
     state["graph_hash"] = graph.structure_hash()
     seconds = dict(state.get("seconds", {}))
+    earlier_runs = list(state.get("runs", []))  # how the earlier (resumed) runs were trained
+    state["runs"] = earlier_runs + [job_info()]
     report = progress or (lambda *a: None)
 
     train = dataset_for_graph(graph, "train", o.n_train, o.seed, o.data, o.mnist_root)
@@ -130,6 +138,7 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         return on_epoch
 
     start = _warm_start(graph, o) if o.init_from else None
+    lab_metrics: dict = {}
     if start is not None:
         labeller = start.labeller.to(device)
         seconds.setdefault("labeller", 0.0)
@@ -170,6 +179,15 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         "recipe": {"mechanism": o.mechanism, "epochs": o.epochs, "labeller_epochs": o.labeller_epochs, "residual": o.residual,
                    **o.mechanism_options},
         **({"init_from": {"path": str(o.init_from), "info": dict(start.info)}} if start is not None else {}),
+        **{f"train_loss_{k}": float(m["loss"]) for k, m in (("labeller", lab_metrics), ("mechanism", mech_metrics))
+           if "loss" in m},
+        # how it was trained: processes, backend, the global batch (split over the ranks), samples per rank
+        "distributed": {**job_info(),
+                        "global_batch": {"labeller": _batch_size("labeller", lab_metrics, o),
+                                         "mechanism": _batch_size("mechanism", mech_metrics, o)},
+                        "samples_per_rank": {k: m.get("samples_per_rank", []) for k, m in
+                                             (("labeller", lab_metrics), ("mechanism", mech_metrics))},
+                        **({"earlier_runs": earlier_runs} if earlier_runs else {})},
     }
     model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary, EditPolicy(residual=o.residual))
     model.save(out)
@@ -189,6 +207,21 @@ def _warm_start(graph: CausalGraph, o: FitOptions) -> "ANCM":
         raise ValueError(f"--init-from {o.init_from}: a warm start continues a masked editor; that model's "
                          f"image mechanism is {kind!r} and this fit trains {o.mechanism!r}")
     return start
+
+
+def _batch_size(stage: str, metrics: dict, o: FitOptions) -> int | None:
+    """The global batch size a stage trained with (None: the stage did not train in this run)."""
+    if not metrics:
+        return None
+    if stage == "labeller":
+        from cfedit.image.train import LABELLER_DEFAULTS
+
+        return int(LABELLER_DEFAULTS["batch_size"])
+    from cfedit.image.masked_training import MASKED_DEFAULTS
+    from cfedit.image.train import MECHANISM_DEFAULTS
+
+    defaults = MASKED_DEFAULTS if o.mechanism == "masked" else MECHANISM_DEFAULTS
+    return int(o.mechanism_options.get("batch_size", defaults["batch_size"]))
 
 
 def _rank() -> int:

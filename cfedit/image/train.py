@@ -13,8 +13,17 @@ Both functions share one loop with these properties:
   state) and ``history``; passing it back as ``state=`` continues exactly where it stopped (the
   result equals an uninterrupted run). Everything in it is tensors, numbers, strings, lists and dicts,
   so ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it;
-- data-parallel under torchrun: when ``torch.distributed`` is initialised the loss module is wrapped
-  in DistributedDataParallel and each rank reads its shard through a DistributedSampler.
+- data-parallel under torchrun (see :mod:`cfedit.distributed`): when ``torch.distributed`` is
+  initialised the loss module is wrapped in DistributedDataParallel (gradients averaged over the
+  ranks). ``batch_size`` stays the *global* batch: every epoch has one order of the whole data set,
+  drawn identically on every rank from ``seed``, and each global batch of it is split into disjoint
+  contiguous parts, one per rank (a last batch smaller than the world size is dropped). So a step, the
+  learning rate and the steps per epoch are those of a single process, and the saved state (epoch,
+  step, batches done, the order stream, metric sums averaged over the ranks) does not depend on the
+  world size: a run resumes on any number of processes. Each rank's random draws in a step come from
+  a stream keyed by (seed, rank, step). Epoch metrics are means over all ranks; rank 0 alone reports
+  progress and receives the states. The networks use no batch-norm (instance norm or none; any
+  BatchNorm would be converted to SyncBatchNorm).
 
 Data sets are anything with ``__len__`` and ``__getitem__ -> (float image [C,S,S], long factors [k])``;
 those exposing ``images`` (uint8 [n,C,S,S]) and ``factors`` (int [n,k]) arrays — BarMNIST and
@@ -188,15 +197,30 @@ def _dist() -> tuple[int, int]:
 
 
 def _epoch_indices(n: int, epoch: int, gen: torch.Generator, seed: int, dataset) -> torch.Tensor:
-    rank, world = _dist()
-    if world > 1:
-        from torch.utils.data import DistributedSampler
-
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                     drop_last=True)
-        sampler.set_epoch(epoch)
-        return torch.tensor(list(iter(sampler)), dtype=torch.long)
+    """The epoch's order of the whole data set (the same on every rank: ``gen`` is the order stream)."""
     return torch.randperm(n, generator=gen)
+
+
+def _rank_batches(dataset, idx: torch.Tensor, batch_size: int, device, rank: int,
+                  world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's part of each global batch of ``idx`` (all of it in a one-process run)."""
+    if world == 1:
+        yield from _batches(dataset, idx, batch_size, device)
+        return
+    from cfedit.distributed import shard
+
+    for i in range(0, len(idx), batch_size):
+        part = idx[i:i + batch_size]
+        if len(part) < world:  # too small to give every rank a sample: dropped on all ranks alike
+            return
+        mine = shard(part, rank, world)
+        yield from _batches(dataset, mine, len(mine), device)
+
+
+def _step_gen(seed: int, rank: int, step: int) -> torch.Generator:
+    """Rank ``rank``'s random stream for global step ``step`` under torchrun."""
+    key = np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
 
 
 def _batches(dataset, idx: torch.Tensor, batch_size: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -229,12 +253,15 @@ def _cpu(obj):
 
 def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, device: torch.device, seed: int,
          progress: Progress | None, state: Mapping | None, on_epoch) -> tuple[nn.Module, dict]:
+    from cfedit.distributed import gather_ints, mean_across_ranks
+
     rank, world = _dist()
-    if len(dataset) < 1:
-        raise ValueError("training needs at least one image")
-    # one stream per rank (rank 0's equals a single-process run); shuffling under torchrun is the
-    # DistributedSampler's, seeded by ``seed`` and the epoch
-    gen = torch.Generator().manual_seed(int(seed) + 1_000_003 * rank)
+    if len(dataset) < world:
+        raise ValueError(f"training on {world} processes needs at least {world} images" if world > 1 else
+                         "training needs at least one image")
+    # one process: one stream for the order and every draw. Under torchrun the same stream draws each
+    # epoch's order on every rank alike, and a rank's draws in a step come from _step_gen
+    gen = torch.Generator().manual_seed(int(seed))
     # the model's parameters first (so a run without auxiliary networks is unchanged), then any
     # trainable auxiliary network of the loss module (the discriminator)
     aux = getattr(module, "aux", None)
@@ -260,11 +287,15 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        wrapped = DDP(module, device_ids=[device.index] if cuda else None)
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # a no-op: the networks have no batch-norm
+        index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+        wrapped = DDP(module, device_ids=[index] if cuda else None)
 
     n = len(dataset)
-    per_rank = n // world if world > 1 else n
-    steps_per_epoch = -(-per_rank // opts["batch_size"])
+    steps_per_epoch = -(-n // opts["batch_size"])
+    if world > 1 and 0 < n % opts["batch_size"] < world:
+        steps_per_epoch -= 1  # the last global batch is dropped (see _rank_batches)
+    seen = 0  # samples this rank trained on in this run
     total = steps_per_epoch * opts["epochs"]
     t0 = time.perf_counter()
     seconds0 = float(state["seconds"]) if state is not None and "seconds" in state else (
@@ -295,9 +326,9 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
         else:
             at_start = gen.get_state()
             idx = _epoch_indices(n, epoch, gen, seed, dataset)
-        for x, v in _batches(dataset, idx, opts["batch_size"], device):
+        for x, v in _rank_batches(dataset, idx, opts["batch_size"], device, rank, world):
             with autocast():
-                out = step_fn(wrapped, x, v, gen)
+                out = step_fn(wrapped, x, v, gen if world == 1 else _step_gen(seed, rank, step))
             if opts["lr_decay"]:
                 for group in opt.param_groups:
                     group["lr"] = opts["lr"] * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
@@ -307,17 +338,19 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
             scaler.update()
             step += 1
             count += 1
+            seen += len(x)
             for k, val in out.items():
                 sums[k] = sums.get(k, 0.0) + val.detach().float()
             if progress is not None and rank == 0 and (count % LOG_EVERY == 0 or count == steps_per_epoch):
                 progress(step, total, {"epoch": epoch + 1, **{k: float(s) / count for k, s in sums.items()}})
-            if (save_every and on_epoch is not None and rank == 0 and count % save_every == 0
-                    and count < steps_per_epoch):
-                saved = snapshot(epoch)
-                saved.update(epoch_rng=at_start, batch=count, sums={k: float(s) for k, s in sums.items()},
-                             seconds=seconds0 + time.perf_counter() - t0)
-                on_epoch(saved)
-        metrics = {k: float(s) / max(count, 1) for k, s in sums.items()}
+            if save_every and on_epoch is not None and count % save_every == 0 and count < steps_per_epoch:
+                part = mean_across_ranks(sums)  # a collective: every rank takes part, rank 0 writes
+                if rank == 0:
+                    saved = snapshot(epoch)
+                    saved.update(epoch_rng=at_start, batch=count, sums=part,
+                                 seconds=seconds0 + time.perf_counter() - t0)
+                    on_epoch(saved)
+        metrics = {k: s / max(count, 1) for k, s in mean_across_ranks(sums).items()}
         metrics.update(epoch=epoch + 1, seconds=seconds0 + time.perf_counter() - t0)
         history.append(metrics)
         if on_epoch is not None and rank == 0:
@@ -326,4 +359,5 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
     final = dict(history[-1]) if history else {}
     final["seconds"] = seconds0 + time.perf_counter() - t0
     final["steps"] = step
+    final["samples_per_rank"] = gather_ints(seen)
     return model, final
