@@ -75,6 +75,18 @@ def read_regular(path: str | Path, limit: int, error: type[CfeditError], what: s
     return data
 
 
+def read_text(path: str | Path, limit: int, error: type[CfeditError], what: str, source: str | None = None) -> str:
+    """The UTF-8 text (a BOM dropped) of a regular file of at most ``limit`` bytes; a file that is not
+    UTF-8 is refused naming the line, the byte and its offset. ``source`` names the file in errors."""
+    data = read_regular(path, limit, error, what)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise error(f"{source or path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                    f"save the {what} as UTF-8") from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
     """Write a file so that a reader (or a crash) never sees half of it: temp file + rename.
 

@@ -20,7 +20,7 @@ from cfedit.causal.graph import GRAPH_NAME, MAX_DOMAIN, CausalGraph, ImageSpec, 
 from cfedit.causal.query import parse_query
 from cfedit.causal.recipes import DATA_KEYS, data_problem, recipe_problem
 from cfedit.errors import GraphError, QueryError
-from cfedit.files import read_regular
+from cfedit.files import read_text
 
 #: Largest graph file read: far above any real graph, small enough to parse at once.
 MAX_GRAPH_BYTES = 1 << 20
@@ -363,13 +363,7 @@ def load_graph(path: str | Path) -> CausalGraph:
     """Load a graph file, or a shipped graph by name (``backdoor`` or ``backdoor.yaml``)."""
     p = resolve_graph_path(path)
     source = str(path)
-    data = read_regular(p, MAX_GRAPH_BYTES, GraphError, "graph file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise GraphError(f"{source}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                         f"save the graph file as UTF-8") from None
+    text = read_text(p, MAX_GRAPH_BYTES, GraphError, "graph file", source)
     try:
         node = yaml.compose(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as e:

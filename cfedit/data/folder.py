@@ -32,7 +32,7 @@ import numpy as np
 from cfedit.errors import DataError
 from cfedit.data.mnist import default_cache_dir
 from cfedit.causal.pv import as_pv
-from cfedit.files import atomic_write_bytes, read_regular
+from cfedit.files import atomic_write_bytes, read_regular, read_text
 from cfedit.imageio import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, ImageReadError, decode_image
 from cfedit.causal.graph import CausalGraph
 
@@ -81,13 +81,7 @@ def read_label_table(path: str | Path) -> LabelTable:
         raise DataError(f"{path}: label file not found") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read label file ({e.strerror})") from None
-    data = read_regular(path, MAX_LABEL_BYTES, DataError, "label file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the label file as "
-                        f"UTF-8") from None
+    text = read_text(path, MAX_LABEL_BYTES, DataError, "label file")
     lines = text.splitlines()
     first = lines[0].strip() if lines else ""
     if first.isdigit():

@@ -32,11 +32,9 @@ from cfedit.image.mechanism import (
     INFER_BATCH,
     FactorModule,
     _check_factors,
-    _check_images,
     down_plan,
     like_input,
     one_hot,
-    to_float_images,
     to_long,
 )
 
@@ -150,17 +148,8 @@ class MaskedEditor(FactorModule):
     @torch.inference_mode()
     def abduct(self, images, factors, batch_size: int = INFER_BATCH):
         """u_I [n, u_dim]: each photo flattened (float in [0, 1]) followed by its factual one-hot factors."""
-        dev = self.device
-
-        def step(i: int, j: int) -> torch.Tensor:
-            x, v = to_float_images(images[i:j], dev), to_long(factors[i:j], dev)
-            _check_images(x, self.channels, self.size)
-            _check_factors(v, self.sizes)
-            return torch.cat([x.flatten(1), one_hot(v, self.sizes)], 1)
-
-        outs = self._in_batches(len(images), batch_size, step)
-        u = torch.cat(outs) if outs else torch.zeros(0, self.u_dim, device=dev)
-        return like_input(u, images)
+        return self._abduct_batches(images, factors, batch_size,
+                                    lambda x, v: torch.cat([x.flatten(1), one_hot(v, self.sizes)], 1))
 
     def _split_u(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if u.ndim != 2 or u.shape[1] != self.u_dim:

@@ -126,6 +126,21 @@ class FactorModule(nn.Module):
         finally:
             self.train(was)
 
+    def _abduct_batches(self, images, factors, batch_size: int, u_of) -> Any:
+        """u_I [n, u_dim] of images [n, C, S, S] with factual factors [n, k]: ``u_of(x, v)`` per checked
+        batch (x float in [0, 1], v long), in eval mode; numpy out for numpy in, else a tensor."""
+        dev = self.device
+
+        def step(i: int, j: int) -> torch.Tensor:
+            x, v = to_float_images(images[i:j], dev), to_long(factors[i:j], dev)
+            _check_images(x, self.channels, self.size)
+            _check_factors(v, self.sizes)
+            return u_of(x, v)
+
+        outs = self._in_batches(len(images), batch_size, step)
+        u = torch.cat(outs) if outs else torch.zeros(0, self.u_dim, device=dev)
+        return like_input(u, images)
+
 
 # --------------------------------------------------------------------------------------------
 # The model
@@ -217,17 +232,7 @@ class ImageMechanism(FactorModule):
     @torch.inference_mode()
     def abduct(self, images, factors, batch_size: int = INFER_BATCH):
         """u_I [n, u_dim] (the posterior mean) of images [n, C, S, S] with factual factors [n, k]."""
-        dev = self.device
-
-        def step(i: int, j: int) -> torch.Tensor:
-            x, v = to_float_images(images[i:j], dev), to_long(factors[i:j], dev)
-            _check_images(x, self.channels, self.size)
-            _check_factors(v, self.sizes)
-            return self.posterior_mean(x, v).float()
-
-        outs = self._in_batches(len(images), batch_size, step)
-        u = torch.cat(outs) if outs else torch.zeros(0, self.u_dim, device=dev)
-        return like_input(u, images)
+        return self._abduct_batches(images, factors, batch_size, lambda x, v: self.posterior_mean(x, v).float())
 
     @torch.inference_mode()
     def decode(self, factors, u, batch_size: int = INFER_BATCH):
