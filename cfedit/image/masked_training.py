@@ -35,11 +35,13 @@ from cfedit.image.mechanism import down_plan
 # smooth: weight of the mask's total variation; d_width: the discriminator's first width; d_shift: the
 # discriminator reads real photos and edits each translated by its own random offset of up to this many
 # pixels (so neither head can be fooled by a pixel-exact pattern); colour_pool / delta_bound: the
-# editor's smooth, bounded colour field (see MaskedEditor).
+# editor's smooth, bounded colour field and its colour mode (see MaskedEditor); d_warmup: for this
+# many first steps only the discriminator learns (the generator's losses are off), so that a fresh
+# attribute head has learnt real faces before an editor follows it.
 MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "lr_decay": False, "width": 24,
-                   "blocks": 2, "head_width": 8, "colour_pool": 4, "delta_bound": 3.0, "swap_p": 0.3,
-                   "cls_g": 2.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1, "smooth": 0.5, "d_width": 32,
-                   "d_shift": 2, "save_every": 300}
+                   "blocks": 2, "head_width": 8, "colour_pool": 2, "delta_bound": 3.0, "colour": "tone",
+                   "swap_p": 0.3, "cls_g": 1.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.25, "smooth": 0.5,
+                   "d_width": 32, "d_shift": 2, "d_warmup": 300, "save_every": 300}
 
 
 class AttributeDiscriminator(nn.Module):
@@ -80,6 +82,7 @@ class MaskedGANLoss(nn.Module):
         super().__init__()
         self.mech, self.aux = editor, disc
         self.w = {k: float(opts[k]) for k in ("cls_g", "cls_d", "cycle", "mask", "smooth")}
+        self.g_on = 1.0  # 0 while only the discriminator learns (d_warmup)
 
     def forward(self, x: torch.Tensor, v: torch.Tensor, v_new: torch.Tensor,
                 seen: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -102,8 +105,8 @@ class MaskedGANLoss(nn.Module):
         cycle = (back - x).abs().mean()
         mask = 0.5 * (m.mean() + m2.mean())
         smooth = 0.5 * (_tv(m) + _tv(m2))
-        loss = (d_adv + w["cls_d"] * d_cls + g_adv + w["cls_g"] * g_cls + w["cycle"] * cycle
-                + w["mask"] * mask + w["smooth"] * smooth)
+        g_loss = g_adv + w["cls_g"] * g_cls + w["cycle"] * cycle + w["mask"] * mask + w["smooth"] * smooth
+        loss = d_adv + w["cls_d"] * d_cls + self.g_on * g_loss
         changed = (v_new != v).any(1).float().mean()
         return {"loss": loss, "d_adv": d_adv, "d_cls": d_cls, "g_adv": g_adv, "g_cls": g_cls, "cycle": cycle,
                 "mask": mask, "smooth": smooth, "changed": changed}
@@ -126,7 +129,8 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
     editor = _init(lambda: MaskedEditor.for_graph(graph, width=opts["width"], blocks=opts["blocks"],
                                                          head_width=opts["head_width"],
                                                          colour_pool=opts["colour_pool"],
-                                                         delta_bound=opts["delta_bound"]),
+                                                         delta_bound=opts["delta_bound"],
+                                                         colour=opts["colour"]),
                    seed, state, init).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7)
@@ -135,9 +139,12 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
         disc.load_state_dict(state["aux"])
     loss_module = MaskedGANLoss(editor, disc, opts).to(device)
     sizes = torch.tensor(editor.sizes)
+    steps_done = [int(state["step"]) if state is not None else 0]  # the warm-up follows resumes exactly
 
     def step(module, x, v, gen):
         n = len(x)
+        loss_module.g_on = 0.0 if steps_done[0] < int(opts["d_warmup"]) else 1.0
+        steps_done[0] += 1
         swap = torch.rand(n, len(editor.sizes), generator=gen) < opts["swap_p"]
         # a resampled binary factor always flips: a "change" to the same value teaches nothing
         shift = (torch.rand(n, len(editor.sizes), generator=gen) * (sizes - 1)).long().clamp_max(sizes - 2) + 1
