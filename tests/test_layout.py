@@ -6,7 +6,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cfedit"
 #: Lowest first: a module may import from its own layer and those below it.
-LAYERS = ["errors", "_version", "files", "progress", "device", "imageio", "causal", "checkpoint", "data",
+LAYERS = ["errors", "_version", "files", "progress", "device", "distributed", "imageio", "causal", "checkpoint", "data",
           "features", "image", "editor", "eval", "cli", "cfedit", "__main__"]
 
 

@@ -38,6 +38,8 @@ from cfedit.image.mechanism import (
     to_long,
 )
 
+COLOUR_MODES = ("rgb", "tone")
+_LUMA = (0.299, 0.587, 0.114)  # Rec. 601 weights of a pixel's gray
 _EPS = 0.01  # photo values are clamped to [_EPS, 1 - _EPS] before the logit of the colour layer
 
 
@@ -63,7 +65,7 @@ class MaskedEditor(FactorModule):
 
     def __init__(self, names: Sequence[str], sizes: Sequence[int], channels: int = 3, size: int = 64,
                  width: int = 24, blocks: int = 2, head_width: int = 8, colour_pool: int = 1,
-                 delta_bound: float = 0.0):
+                 delta_bound: float = 0.0, colour: str = "rgb"):
         super().__init__()
         if len(names) != len(sizes) or not names:
             raise ValueError("names and sizes must be non-empty and of equal length")
@@ -77,6 +79,12 @@ class MaskedEditor(FactorModule):
             raise ValueError(f"colour_pool must be a positive divisor of the image size {size}, got {colour_pool}")
         if self.delta_bound < 0:
             raise ValueError(f"delta_bound must be >= 0, got {delta_bound}")
+        # colour: "rgb", a shift per channel; "tone", one brightness shift for all channels and a
+        # desaturation toward the pixel's own gray, so an edit can lighten, darken or gray the photo but
+        # never change its hue (no green skin, no pink hair)
+        if colour not in COLOUR_MODES:
+            raise ValueError(f"colour must be one of {', '.join(COLOUR_MODES)}, got {colour!r}")
+        self.colour = colour
         n, self.base = down_plan(self.size, max_down=3)
         if n == 0:
             raise ValueError(f"image size {size} cannot be halved; use an even size such as 28 or 64")
@@ -96,16 +104,20 @@ class MaskedEditor(FactorModule):
                           nn.ReLU()) for i in range(n - 1, 0, -1))
         self.final = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                    nn.Conv2d(ws[0] if n == 1 else 2 * ws[0], self.head_width, 3, 1, 1), nn.ReLU())
-        self.head = nn.Conv2d(self.head_width + self.channels, self.channels + 1, 3, 1, 1)
+        n_colour = self.channels if colour == "rgb" else 2
+        self.head = nn.Conv2d(self.head_width + self.channels, n_colour + 1, 3, 1, 1)
         with torch.no_grad():  # start as the identity: mask about 0.05, colour layer = photo
             self.head.weight.mul_(0.1)
             self.head.bias.zero_()
             self.head.bias[-1] = -3.0
+            if colour == "tone":
+                self.head.bias[1] = -4.0  # desaturation about 0.02
 
     def config(self) -> dict[str, Any]:
         return {"kind": self.KIND, "names": list(self.names), "sizes": list(self.sizes),
                 "channels": self.channels, "size": self.size, "width": self.width, "blocks": self.blocks,
-                "head_width": self.head_width, "colour_pool": self.colour_pool, "delta_bound": self.delta_bound}
+                "head_width": self.head_width, "colour_pool": self.colour_pool, "delta_bound": self.delta_bound,
+                **({"colour": self.colour} if self.colour != "rgb" else {})}
 
     @property
     def u_dim(self) -> int:
@@ -132,14 +144,18 @@ class MaskedEditor(FactorModule):
         for i, up in enumerate(self.ups):
             h = torch.cat([up(h), skips[len(skips) - 2 - i]], 1)
         out = self.head(torch.cat([self.final(h), x * 2 - 1], 1))
-        delta, mask_logit = out[:, :self.channels], out[:, self.channels:]
+        field, mask_logit = out[:, :-1], out[:, -1:]
         if self.colour_pool > 1:
-            delta = F.interpolate(F.avg_pool2d(delta, self.colour_pool), size=(s, s), mode="bilinear",
+            field = F.interpolate(F.avg_pool2d(field, self.colour_pool), size=(s, s), mode="bilinear",
                                   align_corners=False)
+        delta = field if self.colour == "rgb" else field[:, :1]
         if self.delta_bound > 0:
             delta = self.delta_bound * torch.tanh(delta / self.delta_bound)
         xc = x.clamp(_EPS, 1 - _EPS)
         colour = torch.sigmoid(torch.log(xc) - torch.log1p(-xc) + delta)
+        if self.colour == "tone" and self.channels == 3:
+            gray = (colour * colour.new_tensor(_LUMA)[None, :, None, None]).sum(1, keepdim=True)
+            colour = colour + torch.sigmoid(field[:, 1:2]) * (gray - colour)
         mask = torch.sigmoid(mask_logit)
         return x + mask * (colour - x), mask
 

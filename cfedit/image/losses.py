@@ -133,6 +133,7 @@ class MaskedGANLoss(nn.Module):
         super().__init__()
         self.mech, self.aux = editor, disc
         self.w = {k: float(opts[k]) for k in ("cls_g", "cls_d", "cycle", "mask", "smooth")}
+        self.g_on = 1.0  # 0 while only the discriminator learns (d_warmup)
 
     def forward(self, x: torch.Tensor, v: torch.Tensor, v_new: torch.Tensor,
                 seen: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -155,8 +156,8 @@ class MaskedGANLoss(nn.Module):
         cycle = (back - x).abs().mean()
         mask = 0.5 * (m.mean() + m2.mean())
         smooth = 0.5 * (_tv(m) + _tv(m2))
-        loss = (d_adv + w["cls_d"] * d_cls + g_adv + w["cls_g"] * g_cls + w["cycle"] * cycle
-                + w["mask"] * mask + w["smooth"] * smooth)
+        g_loss = g_adv + w["cls_g"] * g_cls + w["cycle"] * cycle + w["mask"] * mask + w["smooth"] * smooth
+        loss = d_adv + w["cls_d"] * d_cls + self.g_on * g_loss
         changed = (v_new != v).any(1).float().mean()
         return {"loss": loss, "d_adv": d_adv, "d_cls": d_cls, "g_adv": g_adv, "g_cls": g_cls, "cycle": cycle,
                 "mask": mask, "smooth": smooth, "changed": changed}

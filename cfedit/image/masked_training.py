@@ -35,11 +35,13 @@ from cfedit.image.train import _fit, _init, _options
 # smooth: weight of the mask's total variation; d_width: the discriminator's first width; d_shift: the
 # discriminator reads real photos and edits each translated by its own random offset of up to this many
 # pixels (so neither head can be fooled by a pixel-exact pattern); colour_pool / delta_bound: the
-# editor's smooth, bounded colour field (see MaskedEditor).
+# editor's smooth, bounded colour field and its colour mode (see MaskedEditor); d_warmup: for this
+# many first steps only the discriminator learns (the generator's losses are off), so that a fresh
+# attribute head has learnt real faces before an editor follows it.
 MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "width": 24,
-                   "blocks": 2, "head_width": 8, "colour_pool": 4, "delta_bound": 3.0, "swap_p": 0.3,
-                   "cls_g": 2.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1, "smooth": 0.5, "d_width": 32,
-                   "d_shift": 2, "save_every": 300}
+                   "blocks": 2, "head_width": 8, "colour_pool": 2, "delta_bound": 3.0, "colour": "tone",
+                   "swap_p": 0.3, "cls_g": 1.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.25, "smooth": 0.5,
+                   "d_width": 32, "d_shift": 2, "d_warmup": 300, "save_every": 300}
 
 
 def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch.device | str = "cpu",
@@ -57,7 +59,8 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
     editor = _init(lambda: MaskedEditor.for_graph(graph, width=opts["width"], blocks=opts["blocks"],
                                                          head_width=opts["head_width"],
                                                          colour_pool=opts["colour_pool"],
-                                                         delta_bound=opts["delta_bound"]),
+                                                         delta_bound=opts["delta_bound"],
+                                                         colour=opts["colour"]),
                    seed, state, init).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7)
@@ -66,9 +69,12 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
         disc.load_state_dict(state["aux"])
     loss_module = MaskedGANLoss(editor, disc, opts).to(device)
     sizes = torch.tensor(editor.sizes)
+    steps_done = [int(state["step"]) if state is not None else 0]  # the warm-up follows resumes exactly
 
     def step(module, x, v, gen):
         n = len(x)
+        loss_module.g_on = 0.0 if steps_done[0] < int(opts["d_warmup"]) else 1.0
+        steps_done[0] += 1
         swap = torch.rand(n, len(editor.sizes), generator=gen) < opts["swap_p"]
         # a resampled binary factor always flips: a "change" to the same value teaches nothing
         shift = (torch.rand(n, len(editor.sizes), generator=gen) * (sizes - 1)).long().clamp_max(sizes - 2) + 1

@@ -178,16 +178,26 @@ def _init(build: Callable[[], nn.Module], seed: int, state: Mapping | None,
         torch.manual_seed(seed)
         model = build()
     if state is None and init is not None:
-        try:
-            model.load_state_dict(init)
-        except RuntimeError as e:
-            raise ValueError(f"cannot start from the given weights: they are another architecture ({e})") from None
+        _warm_start(model, init)
     if state is not None:
         if state.get("config") != model.config():
             raise ValueError(f"cannot resume: the saved model config {state.get('config')} differs from "
                              f"this run's {model.config()}")
         model.load_state_dict(state["model"])
     return model
+
+
+def _warm_start(model: nn.Module, init: Mapping) -> None:
+    """Load the weights of ``init`` that fit ``model``. The output layer (the last parameters) may be
+    new, e.g. another colour mode of the masked editor; everything before it must match by name and shape."""
+    own = model.state_dict()
+    fits = {k: v for k, v in init.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    missing = [k for k in own if k not in fits]
+    last = [k for k, _ in model.named_parameters()][-2:]  # the output layer's weight and bias
+    if any(k not in last for k in missing):
+        raise ValueError(f"cannot start from the given weights: they are another architecture "
+                         f"({len(missing)} of {len(own)} tensors do not fit, e.g. {missing[0]!r})")
+    model.load_state_dict({**own, **fits})
 
 
 def _dist() -> tuple[int, int]:

@@ -12,7 +12,7 @@ from cfedit.image.losses import AttributeDiscriminator
 from cfedit.image.masked_training import train_masked_editor
 from tests.image.test_mechanism import Squares
 
-TINY = {"width": 8, "blocks": 1, "d_width": 8, "batch_size": 16}
+TINY = {"width": 8, "blocks": 1, "d_width": 8, "batch_size": 16, "d_warmup": 0}
 
 
 @pytest.fixture(autouse=True)
@@ -143,3 +143,37 @@ def test_a_warm_start_continues_from_the_given_weights_and_refuses_another_archi
     assert (again.state_dict()[w] - first.state_dict()[w]).abs().max() < 0.05
     with pytest.raises(ValueError, match="another architecture"):
         train_masked_editor(ds, ds.graph, epochs=1, seed=0, init=first.state_dict(), **dict(TINY, width=12))
+
+
+def test_the_tone_colour_layer_lightens_darkens_or_grays_but_never_changes_a_hue():
+    torch.manual_seed(0)
+    e = MaskedEditor(["color", "big"], [2, 2], channels=3, size=16, width=8, blocks=1, colour="tone",
+                     colour_pool=2, delta_bound=3.0).eval()
+    with torch.no_grad():
+        e.head.weight.mul_(100.0)
+        e.head.bias[-1] = 20.0  # mask fully on: the edit is the colour layer
+    v = torch.tensor([[0, 0], [1, 1]])
+    gray = torch.rand(2, 1, 16, 16).expand(-1, 3, -1, -1).contiguous()
+    out, _ = e(gray, v, 1 - v)
+    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-6) and torch.allclose(out[:, 1], out[:, 2], atol=1e-6)
+    assert (out - gray).abs().mean() > 0.05  # it does change the brightness
+    red = torch.zeros(2, 3, 16, 16)
+    red[:, 0] = 0.8
+    red[:, 1:] = 0.1
+    out, _ = e(red, v, 1 - v)
+    assert (out[:, 0] >= out[:, 1] - 1e-6).all() and torch.allclose(out[:, 1], out[:, 2], atol=1e-6)
+    assert mechanism_from_config(e.config()).config() == e.config()
+    with pytest.raises(ValueError, match="colour must be"):
+        MaskedEditor(["c"], [2], channels=3, size=16, colour="hsv")
+
+
+def test_a_warm_start_may_change_the_colour_mode_and_the_warm_up_trains_only_the_discriminator():
+    ds = Squares(32, seed=2)
+    rgb, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=0, **dict(TINY, colour="rgb"))
+    tone, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=0, init=rgb.state_dict(),
+                                  **dict(TINY, colour="tone", d_warmup=10_000))
+    # all but the output layer come from the rgb editor and, in the warm-up, the editor does not move
+    for k, t in tone.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(t, rgb.state_dict()[k]), k
+    assert tone.state_dict()["head.weight"].shape[0] == 3 and rgb.state_dict()["head.weight"].shape[0] == 4
