@@ -324,7 +324,7 @@ def in_process_group(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from cfedit import distributed
+        import cfedit.distributed as distributed
         from cfedit.device import resolve_device
 
         if not distributed.launched():
