@@ -119,7 +119,7 @@ def _version(value: bool) -> None:
         try:
             v = version("cfedit")
         except PackageNotFoundError:  # run from a checkout that was never installed
-            v = "0.1.0 (not installed)"
+            from cfedit import __version__ as v
         typer.echo(f"cfedit {v}")
         raise typer.Exit(0)
 
