@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Callable, List, NoReturn, Optional
 
@@ -41,12 +42,15 @@ class OneLineUsage(typer.core.TyperGroup):
             usage_error(e)
 
 
+HELP = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
-    cls=OneLineUsage, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-    help="Causal counterfactual image editing with optimal bounds (the ANCM method).",
+    cls=OneLineUsage, add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+    context_settings=HELP, help="Causal counterfactual image editing with optimal bounds (the ANCM method).",
 )
-graph_app = typer.Typer(no_args_is_help=True, help="Inspect causal graph files.")
-data_app = typer.Typer(no_args_is_help=True, help="Generate datasets with known causal ground truth.")
+graph_app = typer.Typer(no_args_is_help=True, context_settings=HELP, help="Inspect causal graph files.")
+data_app = typer.Typer(no_args_is_help=True, context_settings=HELP,
+                       help="Generate datasets with known causal ground truth.")
 app.add_typer(graph_app, name="graph")
 app.add_typer(data_app, name="data")
 
@@ -57,6 +61,81 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 #: errno values of an OSError that the user can fix (a path, a permission, a full disk): exit 2.
 USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EROFS,
                errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG, errno.ENXIO}
+
+
+# ----------------------------------------------------------------------------------------------
+# choices: enums, so that --help lists them and a wrong value is a one-line usage error
+# ----------------------------------------------------------------------------------------------
+
+
+class GraphFormat(str, Enum):
+    text = "text"
+    mermaid = "mermaid"
+    dot = "dot"
+    json = "json"
+
+
+class Setting(str, Enum):
+    backdoor = "backdoor"
+    frontdoor = "frontdoor"
+
+
+class Split(str, Enum):
+    train = "train"
+    test = "test"
+
+
+class Method(str, Enum):
+    exact = "exact"
+    ncm = "ncm"
+
+
+class Bound(str, Enum):
+    lower = "lower"
+    upper = "upper"
+
+
+class Mechanism(str, Enum):
+    cvae = "cvae"
+    masked = "masked"
+
+
+class Features(str, Enum):  # cfedit.features.FAMILIES (a test keeps the two equal)
+    canonical = "canonical"
+    ncm = "ncm"
+    none = "none"
+    conditional = "conditional"
+    markovian = "markovian"
+
+
+DEVICE_HELP = "auto (the first GPU when there is one, else cpu) | cpu | cuda | cuda:N"
+SEED_HELP = "The run's seed: the same seed gives the same result on the same machine."
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("cfedit")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            from cfedit._version import __version__ as v
+        typer.echo(f"cfedit {v}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="Print cfedit's version and exit.")) -> None:
+    """Causal counterfactual image editing with optimal bounds (the ANCM method)."""
+
+
+def progress_view(**units: str):
+    """The one progress display of every long command (cfedit.progress): rich bars on a terminal,
+    plain periodic lines (stage, step/total, rate, ETA) when stderr is not one."""
+    from cfedit.progress import ProgressView
+
+    return ProgressView(err_console, units=units)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -121,12 +200,13 @@ def handles_errors(fn: Callable) -> Callable:
 @handles_errors
 def graph_show(
     file: str = typer.Argument(..., help="Graph file, or the name of a shipped graph (backdoor, frontdoor)."),
-    format: str = typer.Option("text", "--format", "-f", help="text | mermaid | dot | json"),
+    format: GraphFormat = typer.Option(GraphFormat.text, "--format", "-f", help="Output format."),
 ) -> None:
     """Print a graph's variables, edges and derived structure, or export its diagram."""
     from cfedit.causal.graph_file import load_graph
 
     g = load_graph(file)
+    format = format.value
     if format == "mermaid":
         sys.stdout.write(g.to_mermaid())
         return
@@ -144,8 +224,6 @@ def graph_show(
         }
         sys.stdout.write(json.dumps(d, indent=2) + "\n")
         return
-    if format != "text":
-        raise UsageFailure(f"--format: unknown format {format!r} (text, mermaid, dot, json)")
     from rich.markup import escape
     from rich.table import Table
 
@@ -179,10 +257,10 @@ MNIST_ROOT_HELP = "Folder with MNIST in torchvision's layout (default: $CFEDIT_D
 @data_app.command("barmnist")
 @handles_errors
 def data_barmnist(
-    setting: str = typer.Argument(..., help="backdoor | frontdoor"),
+    setting: Setting = typer.Argument(..., help="The ground-truth SCM (the graph of that name)."),
     n: int = typer.Option(1000, "--n", min=1, help="Number of images."),
-    split: str = typer.Option("train", "--split", help="train | test (MNIST exemplars of that split)"),
-    seed: int = typer.Option(0, "--seed", min=0),
+    split: Split = typer.Option(Split.train, "--split", help="Draw the MNIST exemplars from this split."),
+    seed: int = typer.Option(0, "--seed", min=0, help=SEED_HELP),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the PNGs, labels.csv, exogenous.csv, grid.png."),
     force: bool = typer.Option(False, "--force", help="Overwrite what an earlier run wrote into --out."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run into --out (same arguments): its images are kept."),
@@ -191,13 +269,9 @@ def data_barmnist(
     """Write Colored-MNIST-with-bars images with their factors and exogenous noise."""
     from cfedit.data import write_barmnist
 
-    if setting not in ("backdoor", "frontdoor"):
-        raise UsageFailure(f"unknown setting {setting!r} (backdoor, frontdoor)")
-    if split not in ("train", "test"):
-        raise UsageFailure(f"--split: unknown split {split!r} (train, test)")
-    with out.status(f"writing {n} {setting} images"):
-        s = write_barmnist(setting, n, split=split, seed=seed, out=out_dir, force=force, root=mnist_root,
-                           resume=resume)
+    with progress_view(images="images") as progress:
+        s = write_barmnist(setting.value, n, split=split.value, seed=seed, out=out_dir, force=force, root=mnist_root,
+                           resume=resume, progress=progress)
     kept = f", {s.kept} of them kept from the interrupted run" if s.kept else ""
     typer.echo(f"wrote {s.n} images to {s.out} in {s.seconds:.1f} s{kept} "
                f"({s.labels.name}, {s.exogenous.name}, {s.grid.name})")
@@ -214,7 +288,7 @@ def bounds(
     graph: str = typer.Option(..., "--graph", "-g", help="Graph file or shipped graph name."),
     query: Optional[List[str]] = typer.Option(None, "--query", "-q", help='A query, e.g. "P(bar_{color=red}=yes | digit=3)". Repeatable. Default: the graph\'s named queries.'),
     data: Optional[Path] = typer.Option(None, "--data", help="labels.csv with one column per variable (empirical P(V))."),
-    method: str = typer.Option("exact", "--method", help="exact | ncm (trains NCM max/min models and shows both)"),
+    method: Method = typer.Option(Method.exact, "--method", help="exact: canonical models and LPs; ncm: also train NCM max/min models per query and show both."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for the NCM route."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
@@ -231,8 +305,7 @@ def bounds(
     from cfedit.data import observational_pv
     from cfedit.errors import QueryError
 
-    if method not in ("exact", "ncm"):
-        raise UsageFailure(f"--method: unknown method {method!r} (exact, ncm)")
+    method = method.value
     g = load_graph(graph)
     named = [(None, q) for q in query] if query else list(g.queries.items())
     if not named:
@@ -244,35 +317,39 @@ def bounds(
     truth = scm_for_graph(g) if data is None else None
 
     rows = []
-    for name, q in parsed:
-        try:
-            b = compute_bounds(g, pv, q)
-        except ZeroEvidenceBoundsError as e:  # this row is undefined; the others are still answered
-            row = {"name": name, "query": str(q), "lower": None, "upper": None, "method": None,
-                   "certified": None, "seconds": None, "undefined": str(e)}
-            if truth is not None:
-                row["true"] = None
-            if method == "ncm":
-                row.update(ncm_lower=None, ncm_upper=None, ncm_seconds=None)
-            rows.append(row)
-            continue
-        row = {"name": name, "query": str(q), "lower": b.lower, "upper": b.upper, "method": b.method,
-               "certified": b.certified, "seconds": b.seconds}
-        if truth is not None:
-            try:
-                row["true"] = truth.prob(q)
-            except QueryError:
-                row["true"] = None
-        if method == "ncm":
-            from cfedit.features.ncm import ZeroEvidenceError, ncm_bounds
+    from contextlib import nullcontext
 
+    with progress_view() if method == "ncm" else nullcontext() as view:
+        for i, (name, q) in enumerate(parsed):
             try:
-                with err_console.status(f"training the NCM's max and min models for {name or q}"):
-                    nb = ncm_bounds(g, pv, q, seed=seed)
-                row.update(ncm_lower=nb.lower, ncm_upper=nb.upper, ncm_seconds=nb.seconds)
-            except ZeroEvidenceError as e:
-                row.update(ncm_lower=None, ncm_upper=None, ncm_seconds=None, ncm_undefined=str(e))
-        rows.append(row)
+                b = compute_bounds(g, pv, q)
+            except ZeroEvidenceBoundsError as e:  # this row is undefined; the others are still answered
+                row = {"name": name, "query": str(q), "lower": None, "upper": None, "method": None,
+                       "certified": None, "seconds": None, "undefined": str(e)}
+                if truth is not None:
+                    row["true"] = None
+                if method == "ncm":
+                    row.update(ncm_lower=None, ncm_upper=None, ncm_seconds=None)
+                rows.append(row)
+                continue
+            row = {"name": name, "query": str(q), "lower": b.lower, "upper": b.upper, "method": b.method,
+                   "certified": b.certified, "seconds": b.seconds}
+            if truth is not None:
+                try:
+                    row["true"] = truth.prob(q)
+                except QueryError:
+                    row["true"] = None
+            if method == "ncm":
+                from cfedit.features.ncm import ZeroEvidenceError, ncm_bounds
+
+                label = name or f"query {i + 1}"
+                try:
+                    nb = ncm_bounds(g, pv, q, seed=seed, progress=lambda stage, step, total: view(
+                        f"ncm {stage}", step, total, {"query": label, "of": f"{i + 1}/{len(parsed)}"}))
+                    row.update(ncm_lower=nb.lower, ncm_upper=nb.upper, ncm_seconds=nb.seconds)
+                except ZeroEvidenceError as e:
+                    row.update(ncm_lower=None, ncm_upper=None, ncm_seconds=None, ncm_undefined=str(e))
+            rows.append(row)
 
     if as_json:
         sys.stdout.write(json.dumps({"graph": g.name, "pv": pv_source, "bounds": rows}, indent=2) + "\n")
@@ -346,32 +423,30 @@ def in_process_group(fn: Callable) -> Callable:
 def fit(
     graph: str = typer.Option(..., "--graph", "-g", help="Graph file or shipped graph name."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Checkpoint to write (default: runs/<graph>-<features>.safetensors)."),
-    features: str = typer.Option("canonical", "--features", help="Feature model: canonical (exact) | ncm | none | conditional | markovian"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs of the image mechanism (default: its default)."),
-    labeller_epochs: Optional[int] = typer.Option(None, "--labeller-epochs", min=1),
+    features: Features = typer.Option(Features.canonical, "--features", help="Feature model: canonical (exact for discrete factors), ncm (neural causal model), or a baseline."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs of the image mechanism (default: the graph's fit recipe, else by dataset size: about 500 optimizer steps, 5 to 50 epochs)."),
+    labeller_epochs: Optional[int] = typer.Option(None, "--labeller-epochs", min=1, help="Epochs of the labeller (default: the graph's fit recipe, else by dataset size: about 300 optimizer steps, 4 to 50 epochs)."),
     n: Optional[int] = typer.Option(None, "--n", "--n-train", min=1, help="Training images (default: all of the split; under torchrun spell it --n-train, which torchrun does not take for its own --nnodes)."),
     data: Optional[str] = typer.Option(None, "--data", help="Image folder (or zip) with labels, instead of the graph's data."),
     mnist_root: Optional[Path] = typer.Option(None, "--mnist-root", help=MNIST_ROOT_HELP),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    seed: int = typer.Option(0, "--seed", min=0),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    seed: int = typer.Option(0, "--seed", min=0, help=SEED_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from <out>.partial."),
     residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Edits apply the decoded change to the input (deep-SCM residual abduction): the null edit returns the input exactly. Default: the graph file's fit recipe, else off."),
-    mechanism: Optional[str] = typer.Option(None, "--mechanism", help="Image mechanism: cvae (a conditional VAE) or masked (edits drawn on the photo through an attention mask; faces). Default: the graph file's fit recipe, else cvae."),
+    mechanism: Optional[Mechanism] = typer.Option(None, "--mechanism", help="Image mechanism: cvae (a conditional VAE) or masked (edits drawn on the photo through an attention mask; faces). Default: the graph file's fit recipe, else cvae."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="A saved model of the same graph to start from: its labeller is kept and its masked editor trains --epochs more (a warm start)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
 ) -> None:
     """Train the feature model, image mechanism and labeller; write one checkpoint."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from cfedit.device import resolve_device
     from cfedit.distributed import is_main
     from cfedit.editor.fit import FitOptions, fit_ancm, partial_path
-    from cfedit.features import FAMILIES
     from cfedit.files import check_writable
     from cfedit.causal.graph_file import load_graph
 
-    if features not in FAMILIES:
-        raise UsageFailure(f"--features: unknown family {features!r} ({', '.join(FAMILIES)})")
+    features = features.value
+    mechanism = mechanism.value if mechanism is not None else None
     g = load_graph(graph)
     # a graph's name is validated as a file-name word (cfedit.causal.graph.GRAPH_NAME): the default stays in runs/
     target = out_path or Path("runs") / f"{g.name}-{features}.safetensors"
@@ -384,76 +459,29 @@ def fit(
                       device=resolve_device(device), seed=seed, data=data, residual=residual,
                       mnist_root=str(mnist_root) if mnist_root else None, mechanism=mechanism,
                       init_from=str(init_from) if init_from else None)
-    columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False, disable=not is_main()) as bar:
-        tasks: dict[str, int] = {}
-
-        last_epoch: dict[str, int] = {}
-
-        def progress(stage: str, step: int, total: int, metrics: dict) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=max(total, 1), info="")
-            info = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch" and isinstance(v, float))
-            if "epoch" in metrics:
-                info = f"epoch {metrics['epoch']}  " + info
-            bar.update(tasks[stage], completed=step, total=max(total, 1), info=info[:70])
-            if not err_console.is_terminal and metrics.get("epoch") != last_epoch.get(stage) and step > 0:
-                # a log file gets one line per epoch instead of a live bar
-                last_epoch[stage] = metrics.get("epoch")
-                err_console.print(f"{stage} step {step}/{total} {info}", markup=False, highlight=False)
-
+    with progress_view() as progress:
         _, summary = fit_ancm(g, target, opts, resume=resume, progress=progress if is_main() else None)
     if not summary:  # a non-zero rank under torchrun: rank 0 writes and reports
+        return
+    for w in summary.get("warnings", []):
+        err_console.print(f"warning: the model is not usable: {w}", markup=False, highlight=False, soft_wrap=True)
+    if as_json:
+        sys.stdout.write(json.dumps({"checkpoint": str(target), **summary}, indent=2, default=str) + "\n")
         return
     out.print(f"wrote {target}", markup=False, highlight=False)
     from rich.table import Table
 
     t = Table(title="fit summary", header_style="bold", show_header=False)
     for k, v in summary.items():
-        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        if isinstance(v, dict):  # seconds per stage, the recipe, the warm start: one row per entry
+            for kk, vv in v.items():
+                if not isinstance(vv, dict):
+                    t.add_row(f"{k}.{kk}", f"{vv:.4g}" if isinstance(vv, float) else str(vv))
+        elif isinstance(v, list):
+            t.add_row(k, "; ".join(map(str, v)) or "none")
+        else:
+            t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(t)
-
-
-class EditProgress:
-    """Progress of an edit run on stderr: a live bar with files/s and ETA on a terminal, else a plain
-    line every ``every`` seconds (logs of long runs stay short; stdout carries only JSON lines)."""
-
-    def __init__(self, label: str, every: float = 10.0):
-        self.label, self.every = label, every
-        self.bar = None
-        self.start: Optional[tuple[float, int]] = None  # (time, files done) when editing began
-        self.last_line = 0.0
-
-    def __enter__(self) -> "EditProgress":
-        if err_console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=err_console, transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task(self.label, total=None, rate="")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-    def __call__(self, done: int, total: int) -> None:
-        import time
-
-        now = time.perf_counter()
-        if self.start is None:
-            self.start = (now, done)
-        rate = (done - self.start[1]) / max(now - self.start[0], 1e-9)
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total, rate=f"{rate:,.1f} files/s" if rate else "")
-        elif done > self.start[1] and (now - self.last_line >= self.every) and done < total:
-            self.last_line = now
-            eta = (total - done) / rate if rate > 0 else float("nan")
-            err_console.print(f"{self.label}: {done}/{total} files ({100 * done / max(total, 1):.0f}%), "
-                              f"{rate:,.1f} files/s, ETA {eta:,.0f} s", markup=False, highlight=False)
 
 
 @app.command()
@@ -466,14 +494,14 @@ def edit(
     seed: int = typer.Option(0, "--seed", min=0, help="The run's seed; each image draws from its own stream keyed by the seed and its path."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint (default: the shipped one whose graph has the --set variables)."),
     graph: Optional[str] = typer.Option(None, "--graph", "-g", help="Use the shipped checkpoint of this graph (when several have the --set variables); with --checkpoint, the graph it must have been trained on."),
-    bound: Optional[str] = typer.Option(None, "--bound", help="lower | upper: use the feature model at that bound of the edit's query."),
+    bound: Optional[Bound] = typer.Option(None, "--bound", help="Use the feature model at that bound of the edit's query (default: the checkpoint's feature model)."),
     out_dir: Path = typer.Option(Path("out"), "--out", help="Folder for the counterfactual PNGs, side-by-side pairs and the manifest edits.jsonl; mirrors the inputs' folders."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run into the same --out: batches it finished are kept, the rest edited."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: edit shard I of N (every N-th batch; default under torchrun: RANK/WORLD_SIZE)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default: by image size, 256 for 28x28 digits, 32 for 64x64 faces)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Processes decoding the inputs (default: one per spare core; 0 decodes on the main process)."),
-    device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda | cuda:N"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Apply the decoded change to the input (default: as the checkpoint was fitted)."),
     keep_size: bool = typer.Option(False, "--keep-size", help="Write outputs at the input's own size: the model's change is upsampled and added to the original."),
 ) -> None:
@@ -486,7 +514,8 @@ def edit(
 
     def note(path: Path, text: str) -> None:  # each kind of conversion once, not once per file
         if text not in notes:
-            err_console.print(f"note: {path}: {text}", markup=False, highlight=False)
+            kind, text_ = ("warning", text[len("warning: "):]) if text.startswith("warning: ") else ("note", text)
+            err_console.print(f"{kind}: {path}: {text_}", markup=False, highlight=False, soft_wrap=True)
         notes[text] = notes.get(text, 0) + 1
 
     def line(text: str) -> None:
@@ -498,10 +527,11 @@ def edit(
 
     part = Shard.parse(shard) if shard else Shard.from_torchrun() or Shard()
     label = "edit" if part.count == 1 else f"edit (shard {part})"
-    with EditProgress(label) as progress:
+    with progress_view(**{label: "files"}) as view:
+        progress = view.stage(label)
         summary = edit_images(images, parse_assignments(set_, "--set"), out_dir,
                               given=parse_assignments(given or "", "--given"), samples=samples, seed=seed,
-                              checkpoint=checkpoint, graph=graph, bound=bound, residual=residual, keep_size=keep_size,
+                              checkpoint=checkpoint, graph=graph, bound=bound.value if bound else None, residual=residual, keep_size=keep_size,
                               batch_size=batch_size, workers=workers, shard=part, resume=resume, force=force,
                               device=device, on_line=line, on_problem=problem, on_note=note, progress=progress)
     repeats = sum(notes.values()) - len(notes)
@@ -514,7 +544,7 @@ def edit(
                           + (f"; {summary.failed} unreadable" if summary.failed else "") + f"; manifest {summary.manifest}",
                           markup=False, highlight=False)
     if summary.problems or summary.failed:
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # missing or unreadable inputs: input errors (the others were edited)
 
 
 @app.command("eval")
@@ -531,14 +561,13 @@ def evaluate_cmd(
     reader: Optional[Path] = typer.Option(None, "--reader", help="Independent reader checkpoint (default: trained once and cached)."),
     data: Optional[str] = typer.Option(None, "--data", help="Image folder with labels, instead of the graph's data."),
     mnist_root: Optional[Path] = typer.Option(None, "--mnist-root", help=MNIST_ROOT_HELP),
-    seed: int = typer.Option(0, "--seed", min=0),
-    device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda | cuda:N"),
+    seed: int = typer.Option(0, "--seed", min=0, help=SEED_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+    strict: bool = typer.Option(False, "--strict", help="Exit with status 1 when a model's estimate misses the optimal bounds of a query (for CI); the baselines are not held to it."),
 ) -> None:
     """Measure ctf-consistency: estimates read off the edited images against the optimal bounds."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from cfedit.eval import evaluate, load_models, load_or_train_reader, render_tables, report_to_json, write_outputs
     from cfedit.features import FAMILIES
     from cfedit.causal.graph_file import load_graph
@@ -562,16 +591,7 @@ def evaluate_cmd(
                 raise UsageFailure(f"{out_dir / name} exists; pass --force to overwrite or --out another folder")
     dev = resolve_device(device)
     models = load_models(paths, g, fams, device=dev)
-    columns = (TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-    with Progress(*columns, console=err_console) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, step: int, total: int, info=None) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=max(total, 1), info="")
-            bar.update(tasks[stage], completed=step, total=max(total, 1), info=str(info or "")[:60])
-
+    with progress_view(queries="queries") as progress:
         rd = load_or_train_reader(g, path=reader, data=data, root=mnist_root, device=dev,
                                   progress=progress)
         report = evaluate(g, models, n=n, samples=samples, queries=queries, seed=seed, reader=rd,
@@ -582,9 +602,27 @@ def evaluate_cmd(
             err_console.print(f"wrote {kind}: {path}", markup=False, highlight=False)
     if as_json:
         sys.stdout.write(report_to_json(report) + "\n")
-        return
-    for table in render_tables(report):
-        out.print(table)
+    else:
+        for table in render_tables(report):
+            out.print(table)
+    misses = strict_misses(report, list(models)[:len(paths)])
+    for m in misses:
+        err_console.print(f"outside the bounds: {m}", markup=False, highlight=False, soft_wrap=True)
+    if strict and misses:
+        raise typer.Exit(1)
+
+
+def strict_misses(report, checked: List[str]) -> List[str]:
+    """The (model, query) pairs of ``checked`` models whose estimate misses the optimal bounds, both as
+    they are and as the reader shows them (a ✓ᴿ counts as inside), in words."""
+    misses = []
+    for q in report.queries:
+        for r in q.results:
+            v, vr = r.verdict, r.verdict_reader
+            if r.model in checked and v is not None and not v.inside and not (vr is not None and vr.inside):
+                misses.append(f"{r.model} on {q.name}: {r.value:.3f} [{r.lower:.3f}, {r.upper:.3f}] against "
+                              f"[{q.lower:.4f}, {q.upper:.4f}] (out by {v.gap:.3f})")
+    return misses
 
 
 def main() -> None:

@@ -185,16 +185,21 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def image_grid(images: np.ndarray, ncol: int = 8, pad: int = 2) -> np.ndarray:
-    """A contact sheet uint8 [C, H', W'] of images [n, C, H, W], ``ncol`` per row."""
-    n, c, h, w = images.shape
-    ncol = max(1, min(ncol, n))
-    nrow = -(-n // ncol)
-    out = np.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), 128, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + q * (w + pad)
-        out[:, y:y + h, x:x + w] = images[i]
-    return out
+    """A contact sheet uint8 [C, H', W'] of images [n, C, H, W], ``ncol`` per row, on gray (128)
+    padding: :func:`torchvision.utils.make_grid`, kept at the images' own channels and padded
+    around a single image as well."""
+    import torch
+    from torchvision.utils import make_grid
+
+    images = np.asarray(images)
+    n, c = images.shape[:2]
+    t = torch.from_numpy(np.ascontiguousarray(images))
+    if n == 1:  # make_grid returns one image as it is; a sheet of one keeps its frame
+        return np.pad(images[0], ((0, 0), (pad, pad), (pad, pad)), constant_values=128)
+    # (make_grid turns one channel into three: gray images go through as RGB and come back as one)
+    grid = make_grid(t.expand(-1, 3, -1, -1) if c == 1 else t, nrow=max(1, min(ncol, n)), padding=pad,
+                     pad_value=128)
+    return grid[:c].numpy()
 
 
 def side_by_side(*images: np.ndarray, pad: int = 2) -> np.ndarray:

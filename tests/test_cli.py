@@ -72,13 +72,15 @@ def test_fit_cli_writes_checkpoint_and_refuses_overwrite(tmp_path, mnist_root):
     out = tmp_path / "m.safetensors"
     args = ["fit", "--graph", "frontdoor", "--out", out, "--n", "256", "--epochs", "1", "--labeller-epochs", "1",
             "--device", "cpu", "--mnist-root", mnist_root]
-    r = run(*args)
+    r = run(*args, "--json")
     assert r.exit_code == 0, r.output
-    assert out.exists() and "tv_pv" in r.output and "null_edit_mae" in r.output
+    summary = json.loads(r.stdout)  # --json: the summary alone on stdout
+    assert out.exists() and summary["checkpoint"] == str(out) and "tv_pv" in summary and "null_edit_mae" in summary
+    assert isinstance(summary["warnings"], list) and summary["recipe"]["epochs"] == 1
     r = run(*args)
     assert r.exit_code == 2 and "--force" in r.output
     r = run(*args[:-2], "--features", "gan")
-    assert r.exit_code == 2 and "unknown family 'gan'" in r.output
+    assert r.exit_code == 2 and "'gan' is not one of 'canonical', 'ncm'" in r.output
     example = Path(__file__).resolve().parents[1] / "examples" / "digit2_red_nobar.png"
     r = run("edit", example, "--set", "digit=7", "-c", out, "--out", tmp_path / "e")
     assert r.exit_code == 0, r.output
@@ -126,3 +128,53 @@ def test_edit_refuses_a_checkpoint_used_with_another_graph(tmp_path):
     assert not (tmp_path / "o").exists()
     r = run("edit", example, "--set", "color=green", "-c", ck, "--graph", "backdoor", "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
+
+
+def test_conventions_help_version_choices_and_completion():
+    from cfedit.cli import Features
+    from cfedit.features import FAMILIES
+
+    assert sorted(f.value for f in Features) == sorted(FAMILIES)
+    r = run("-h")
+    assert r.exit_code == 0 and "--install-completion" in r.output and "--version" in r.output
+    r = run("--version")
+    assert r.exit_code == 0 and r.output.startswith("cfedit ")
+    r = run("fit", "-h")
+    assert r.exit_code == 0 and "canonical" in r.output and "masked" in r.output  # the choices are listed
+    import typer.main
+
+    def commands(group):
+        for name, c in group.commands.items():
+            yield from (commands(c) if hasattr(c, "commands") else [(name, c)])
+
+    for name, command in commands(typer.main.get_command(app)):
+        for p in command.params:
+            assert getattr(p, "help", None), f"{name} {p.name}: no help text"
+            assert "its default" not in p.help, f"{name} {p.name}"
+        if name in ("fit", "edit", "eval"):
+            assert {p.name: p.default for p in command.params}["device"] == "auto", name
+    fit = dict(commands(typer.main.get_command(app)))["fit"]
+    assert "about 500 optimizer steps" in {p.name: p.help for p in fit.params}["epochs"]
+    r = run("bounds", "-g", "backdoor", "--method", "lp")
+    assert r.exit_code == 2 and "'lp' is not one of 'exact', 'ncm'" in r.output
+
+
+def test_a_missing_input_is_exit_2(tmp_path):
+    r = run("edit", tmp_path / "nothing.png", "--set", "color=red", "-g", "backdoor", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "nothing.png: no such file or folder" in r.output
+
+
+def test_strict_names_the_models_outside_the_bounds():
+    from types import SimpleNamespace as NS
+
+    from cfedit.cli import strict_misses
+    from cfedit.eval.metrics import verdict
+
+    def est(model, lo, hi, reader_inside=False):
+        return NS(model=model, value=(lo + hi) / 2, lower=lo, upper=hi, verdict=verdict(lo, hi, 0.5, 0.6),
+                  verdict_reader=verdict(0.0, 1.0, 0.0, 1.0) if reader_inside else None)
+
+    q = NS(name="q", lower=0.5, upper=0.6, results=[est("mine", 0.1, 0.2), est("none", 0.1, 0.2),
+                                                     est("ok", 0.55, 0.58), est("read", 0.1, 0.2, True)])
+    misses = strict_misses(NS(queries=[q]), ["mine", "ok", "read"])
+    assert len(misses) == 1 and misses[0].startswith("mine on q")  # a baseline is not held to it; ✓ᴿ counts

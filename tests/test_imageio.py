@@ -78,3 +78,25 @@ def test_read_original_converts_mode_and_reports_bad_files(tmp_path):
         read_original(tmp_path / "missing.png", 3)
     with pytest.raises(ImageReadError, match=r"bad\.png: cannot decode image"):
         decode_image(bad.read_bytes(), 28, 3, str(bad))
+
+
+def test_grid_is_torchvisions_make_grid_at_the_images_own_channels():
+    import numpy as np
+
+    from cfedit.imageio import image_grid, side_by_side
+
+    def reference(images, ncol, pad=2):  # the contact sheet as cfedit drew it before make_grid
+        n, c, h, w = images.shape
+        ncol = max(1, min(ncol, n))
+        out = np.full((c, -(-n // ncol) * (h + pad) + pad, ncol * (w + pad) + pad), 128, np.uint8)
+        for i in range(n):
+            r, q = divmod(i, ncol)
+            out[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+        return out
+
+    rng = np.random.default_rng(0)
+    for n, c in ((1, 3), (2, 3), (5, 3), (11, 1), (3, 1)):
+        x = rng.integers(0, 256, (n, c, 6, 7), dtype=np.uint8)
+        assert np.array_equal(image_grid(x, ncol=4), reference(x, 4)), (n, c)
+    a, b = rng.integers(0, 256, (2, 3, 5, 5), dtype=np.uint8)
+    assert np.array_equal(side_by_side(a, b), reference(np.stack([a, b]), 2))

@@ -28,6 +28,7 @@ import numpy as np
 from cfedit.errors import DataError
 from cfedit.data.mnist import load_mnist
 from cfedit.causal.pv import as_pv
+from cfedit.progress import Progress
 from cfedit.files import atomic_write_bytes, read_regular
 from cfedit.imageio import image_grid, png_bytes
 from cfedit.causal.graph import CausalGraph
@@ -255,7 +256,8 @@ _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the chunk that ends every PNG
 
 
 def write_barmnist(setting: str, n: int, split: str = "train", seed: int = 0, out: str | Path = "barmnist",
-                   force: bool = False, root: str | Path | None = None, resume: bool = False) -> WriteSummary:
+                   force: bool = False, root: str | Path | None = None, resume: bool = False,
+                   progress: Progress | None = None) -> WriteSummary:
     """Write a BarMNIST data set as a labelled image folder.
 
     ``out`` gets :data:`RUN_FILE` first (setting, split, n, seed), then ``000000.png ...``, each written
@@ -281,7 +283,10 @@ def write_barmnist(setting: str, n: int, split: str = "train", seed: int = 0, ou
         width = max(6, len(str(ds.n - 1)))
         ids = [f"{i:0{width}d}.png" for i in range(ds.n)]
         kept = 0
+        report = progress or (lambda *a: None)
         for i, name in enumerate(ids):
+            if i % 256 == 0:
+                report("images", i, ds.n, {})
             if resume and _is_whole_png(out / name):
                 kept += 1
                 continue
@@ -290,6 +295,7 @@ def write_barmnist(setting: str, n: int, split: str = "train", seed: int = 0, ou
         atomic_write_bytes(out / "grid.png", png_bytes(image_grid(ds.images[:64])))
         atomic_write_bytes(out / "exogenous.csv", _exogenous_csv(ds, ids))
         atomic_write_bytes(out / "labels.csv", _labels_csv(ds, ids))
+        report("images", ds.n, ds.n, {})
     except OSError as e:
         raise DataError(f"{e.filename or out}: cannot write the data set ({e.strerror or e})") from None
     return WriteSummary(out, setting, split, ds.n, seed, out / "labels.csv", out / "exogenous.csv",

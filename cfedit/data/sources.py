@@ -39,6 +39,18 @@ def dataset_for_graph(graph: CausalGraph, split: str = "train", n: int | None = 
     if data is None and "barmnist" in spec:
         return BarMNIST(str(spec["barmnist"]), split, n or (60000 if split == "train" else 10000), seed,
                         root, graph=graph)
+    images, labels = data_paths(graph, data)
+    train, test = heldout_split(len(read_label_table(labels)))
+    rows = train if split == "train" else test
+    if n is not None and n < len(rows):
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(rows, size=int(n), replace=False))
+    return ImageFolderDataset(graph, images, labels, size=size, indices=rows, disk_cache=disk_cache)
+
+
+def data_paths(graph: CausalGraph, data: str | Path | None = None) -> tuple[Path, Path]:
+    """(images, labels) of a labelled folder: ``data``, else the graph's ``data:`` folder entry."""
+    spec = dict(graph.data or {})
     if data is not None:
         images, labels = folder_paths(data)
     elif "folder" in spec or "labels" in spec:
@@ -58,12 +70,29 @@ def dataset_for_graph(graph: CausalGraph, split: str = "train", n: int | None = 
     else:
         raise DataError(f"graph {graph.name!r} names no data (no 'data:' entry); pass --data FOLDER "
                         f"with images and a labels.csv")
-    train, test = heldout_split(len(read_label_table(labels)))
-    rows = train if split == "train" else test
-    if n is not None and n < len(rows):
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(rows, size=int(n), replace=False))
-    return ImageFolderDataset(graph, images, labels, size=size, indices=rows, disk_cache=disk_cache)
+    return images, labels
+
+
+def data_fingerprint(graph: CausalGraph, data: str | Path | None = None) -> str:
+    """What a graph's data *is*, not where it lies: the SHA-256 of its label file's bytes and of its
+    image list (names and sizes; a zip's members), or the graph's ``data:`` entry for generated data. Two
+    folders with the same files share it; a changed label or an added image changes it."""
+    import hashlib
+    import zipfile
+
+    spec = dict(graph.data or {})
+    if data is None and "barmnist" in spec:
+        return str(graph.data)
+    images, labels = data_paths(graph, data)
+    h = hashlib.sha256(Path(labels).read_bytes())
+    if Path(images).is_file() and zipfile.is_zipfile(images):
+        with zipfile.ZipFile(images) as z:
+            listing = sorted(f"{i.filename}:{i.file_size}" for i in z.infolist() if not i.is_dir())
+    else:
+        listing = sorted(f"{f.relative_to(images).as_posix()}:{f.stat().st_size}" for f in Path(images).rglob("*")
+                         if f.is_file() and f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+    h.update("\n".join(listing).encode())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

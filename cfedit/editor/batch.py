@@ -33,6 +33,7 @@ import json
 import math
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,13 @@ from cfedit.files import atomic_write_bytes
 from cfedit.imageio import IMAGE_SUFFIXES, ImageReadError, apply_change, png_bytes, read_image, read_original, side_by_side
 
 MANIFEST = "edits.jsonl"
+#: The labeller is *unsure* about an input when its probability for the value it reads is below this
+#: for some factor (not given with ``--given``): the run warns that the image may lie outside the
+#: model's domain (in-domain test images: above 0.99 nearly always).
+LOW_CONFIDENCE = 0.8
+#: Files that cfedit itself writes next to images (edits, pairs, data-set and eval grids and charts):
+#: skipped when a folder is searched, edited when named as a file.
+OWN_OUTPUTS = re.compile(r".+\.(cf|pair)\d+\.png|grid\.png|chart\.png", re.IGNORECASE)
 #: Values per batch the default batch size aims at (28x28 RGB digits: 256 a batch; 64x64 faces: 32).
 BATCH_VALUES = 2 ** 19
 
@@ -142,14 +150,16 @@ class EditSummary:
 # ----------------------------------------------------------------------------------------------
 
 
-def gather_inputs(args: Iterable[str], exclude: Path | None = None, stdin=None) -> tuple[list[Unit], list[str]]:
+def gather_inputs(args: Iterable[str], exclude: Path | None = None, stdin=None,
+                  skipped: list[Path] | None = None) -> tuple[list[Unit], list[str]]:
     """Units for files, folders (their images, recursively; hidden entries skipped) and ``-`` (paths on
     stdin, one per line), sorted by key; and the problems (missing paths, folders without images).
 
     Keys are paths relative to the deepest folder holding every argument (a folder argument counts as
     itself, a file as its folder): one folder's tree is mirrored as it is, and same-named files of
     different folders stay apart. A file named twice is one unit. ``exclude`` (the output folder) is
-    skipped where it lies inside a folder argument, so a rerun does not edit its own outputs.
+    skipped where it lies inside a folder argument, so a rerun does not edit its own outputs; so are
+    files that cfedit writes (:data:`OWN_OUTPUTS`) found in a folder, which go to ``skipped``.
     """
     import sys
 
@@ -172,6 +182,10 @@ def gather_inputs(args: Iterable[str], exclude: Path | None = None, stdin=None) 
         if p.is_dir():
             top = os.path.abspath(p)
             found = _images_under(p, None if skip == top else skip)
+            own = [q for q in found if OWN_OUTPUTS.fullmatch(q.name)]
+            found = [q for q in found if not OWN_OUTPUTS.fullmatch(q.name)]
+            if skipped is not None:
+                skipped += own
             if not found:
                 problems.append(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             for q in found:
@@ -282,7 +296,12 @@ def edit_files(model, units: Sequence[Unit], out_dir: str | Path, request: EditR
                         on_problem(f"{it.error} (skipped)")
                 elif it.note and on_note:
                     on_note(it.unit.path, it.note)
-            writer.put(_edit_batch(model, b, len(items), good, request))
+            job = _edit_batch(model, b, len(items), good, request)
+            for i, name, p in job.unsure:
+                if on_note:
+                    on_note(good[i].unit.path, f"warning: the labeller is unsure of this image ({name} read with "
+                            f"probability {p:.2f} < {LOW_CONFIDENCE}); it may lie outside the model's domain")
+            writer.put(job)
             edited += len(good)
         writer.finish()
     except BaseException:
@@ -413,17 +432,39 @@ class _Edited:
     items: list[_Decoded]  # the readable units
     result: Any  # cfedit.editor.fit.EditResult, or None when no unit was readable
     bounds: list[list[dict]]  # per unit and sample
+    unsure: list[tuple[int, str, float]] = field(default_factory=list)  # (item, factor, probability)
 
 
 def _edit_batch(model, b: int, size: int, good: list[_Decoded], request: EditRequest) -> _Edited:
     if not good:
         return _Edited(b, size, [], None, [])
-    res = model.edit(np.stack([it.image for it in good]), request.do, given=request.given,
+    x = np.stack([it.image for it in good])
+    factual, unsure = read_with_confidence(model, x, request.given)
+    res = model.edit(x, request.do, factual=factual,
                      n_samples=request.samples, seed=request.seed, bound=request.bound, residual=request.residual,
                      unit_keys=[it.unit.stream_key for it in good])
     bounds = [[model.descendant_bounds(res.factual[i], res.do, res.counterfactual[i, k])
                for k in range(request.samples)] for i in range(len(good))]
-    return _Edited(b, size, good, res, bounds)
+    return _Edited(b, size, good, res, bounds, unsure)
+
+
+def read_with_confidence(model, images: np.ndarray, given: Mapping[str, str]) -> tuple[np.ndarray, list]:
+    """The factual factors of ``images`` (the labeller's reading, ``given`` values overriding it) and,
+    for each image the labeller is unsure about (:data:`LOW_CONFIDENCE`), (index, factor, probability)
+    of its least sure factor."""
+    g = model.graph
+    probs = [np.asarray(p, dtype=np.float64) for p in model.labeller.predict_proba(images)]
+    v = np.stack([p.argmax(1) for p in probs], 1).astype(np.int64)
+    for k, val in g.value_indices(given).items():
+        v[:, g.axis(k)] = val
+    read = [j for j, n in enumerate(g.names) if n not in given]
+    unsure = []
+    for i in range(len(images)):
+        if read:
+            j = min(read, key=lambda j: probs[j][i].max())
+            if probs[j][i].max() < LOW_CONFIDENCE:
+                unsure.append((i, g.names[j], float(probs[j][i].max())))
+    return v, unsure
 
 
 class _Writer(threading.Thread):

@@ -46,6 +46,61 @@ class FitOptions:
     init_from: str | None = None
 
 
+#: The default schedule when neither ``--epochs`` nor the graph's ``fit:`` recipe gives one: enough
+#: epochs for about this many optimizer steps, never fewer than the trainer's default epochs, at most
+#: :data:`MAX_DEFAULT_EPOCHS` (60,000 MNIST images: the defaults, 5 and 4; 2,000 images: 32 and 19).
+TARGET_STEPS = {"mechanism": 500, "labeller": 300}
+MAX_DEFAULT_EPOCHS = 50
+
+#: The summary warns that a model is not usable when its null-edit error (mean absolute pixel error in
+#: [0, 1]; a residual model's reconstruction error) is above this (shipped digit models: 0.013; a
+#: model whose edits are gray blurs: 0.2) ...
+NULL_EDIT_WARN = 0.1
+#: ... or when its labeller's accuracy on a factor closes less than this share of the gap between
+#: always guessing the factor's most common value and being right every time.
+LABELLER_WARN = 0.5
+
+
+def default_epochs(stage: str, n_train: int, batch_size: int, minimum: int) -> int:
+    """Epochs of ``stage`` (``mechanism``, ``labeller``) by dataset size: see :data:`TARGET_STEPS`."""
+    steps_per_epoch = max(1, -(-int(n_train) // int(batch_size)))
+    return int(min(MAX_DEFAULT_EPOCHS, max(minimum, -(-TARGET_STEPS[stage] // steps_per_epoch))))
+
+
+def usability_warnings(summary: dict, graph: CausalGraph, test) -> list[str]:
+    """What makes a fitted model unusable, in words (empty when nothing does): see :data:`NULL_EDIT_WARN`
+    and :data:`LABELLER_WARN`."""
+    out = []
+    recipe = summary.get("recipe", {})
+    mae_key = "reconstruction_mae" if recipe.get("residual") and recipe.get("mechanism") != "masked" else "null_edit_mae"
+    mae = summary.get(mae_key)
+    if mae is not None and mae > NULL_EDIT_WARN:
+        out.append(f"{mae_key} {mae:.3f} is above {NULL_EDIT_WARN}: edits will be blurred; train longer "
+                   "(--epochs) or on more images")
+    for j, name in enumerate(graph.names):
+        acc = summary.get(f"labeller_acc_{name}")
+        if acc is None or len(test) == 0:
+            continue
+        majority = float(np.bincount(test.factors[:, j], minlength=len(graph[name].values)).max() / len(test))
+        if majority < 1.0 and acc < majority + LABELLER_WARN * (1.0 - majority):
+            out.append(f"labeller accuracy on {name} is {acc:.3f}, near the {majority:.3f} of always guessing its "
+                       "most common value: factual factors will be misread; train longer (--labeller-epochs)")
+    return out
+
+
+def mechanism_defaults(kind: str) -> dict:
+    """The training options (and their defaults) of the image mechanism ``kind``."""
+    if kind == "masked":
+        from cfedit.image.masked_training import MASKED_DEFAULTS
+
+        return MASKED_DEFAULTS
+    if kind == "cvae":
+        from cfedit.image.train import MECHANISM_DEFAULTS
+
+        return MECHANISM_DEFAULTS
+    raise ValueError(f"unknown image mechanism {kind!r} (known: {', '.join(MECHANISMS)})")
+
+
 def resolve_options(graph: CausalGraph, options: FitOptions | None = None) -> FitOptions:
     """``options`` completed from the graph file's ``fit:`` recipe (explicit options win); the recipe,
     with the mechanism the options choose, passes the ``fit:`` schema (:mod:`cfedit.causal.recipes`)."""
@@ -123,6 +178,17 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
     train = dataset_for_graph(graph, "train", o.n_train, o.seed, o.data, o.mnist_root)
     test = dataset_for_graph(graph, "test", o.n_eval, o.seed, o.data, o.mnist_root)
     pv = train.pv()
+    from dataclasses import replace
+
+    if o.epochs is None and o.mechanism == "cvae":  # the default schedule, by dataset size
+        mech_defaults = {**mechanism_defaults("cvae"), **o.mechanism_options}
+        o = replace(o, epochs=default_epochs("mechanism", len(train), mech_defaults["batch_size"],
+                                             mech_defaults["epochs"]))
+    if o.labeller_epochs is None and o.init_from is None:
+        from cfedit.image.train import LABELLER_DEFAULTS
+
+        o = replace(o, labeller_epochs=default_epochs("labeller", len(train), LABELLER_DEFAULTS["batch_size"],
+                                                      LABELLER_DEFAULTS["epochs"]))
 
     t = time.perf_counter()
     report("features", 0, 1, {})
@@ -189,6 +255,7 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
                                              (("labeller", lab_metrics), ("mechanism", mech_metrics))},
                         **({"earlier_runs": earlier_runs} if earlier_runs else {})},
     }
+    summary["warnings"] = usability_warnings(summary, graph, test)
     model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary, EditPolicy(residual=o.residual))
     model.save(out)
     partial_path(out).unlink(missing_ok=True)
@@ -217,11 +284,7 @@ def _batch_size(stage: str, metrics: dict, o: FitOptions) -> int | None:
         from cfedit.image.train import LABELLER_DEFAULTS
 
         return int(LABELLER_DEFAULTS["batch_size"])
-    from cfedit.image.masked_training import MASKED_DEFAULTS
-    from cfedit.image.train import MECHANISM_DEFAULTS
-
-    defaults = MASKED_DEFAULTS if o.mechanism == "masked" else MECHANISM_DEFAULTS
-    return int(o.mechanism_options.get("batch_size", defaults["batch_size"]))
+    return int(o.mechanism_options.get("batch_size", mechanism_defaults(o.mechanism)["batch_size"]))
 
 
 def _rank() -> int:

@@ -50,7 +50,11 @@ def edit_images(inputs: Iterable[str | Path], do: Mapping[str, str], out: str | 
     model = ANCM.load(path, device=dev)
     for k, v in list(do.items()) + list(given.items()):
         model.graph[k].index(v)  # validates name and value against the checkpoint's graph
-    units, problems = gather_inputs([str(x) for x in inputs], exclude=Path(out), stdin=stdin)
+    own: list[Path] = []
+    units, problems = gather_inputs([str(x) for x in inputs], exclude=Path(out), stdin=stdin, skipped=own)
+    if own and on_note:
+        on_note(own[0], f"skipped {len(own)} file(s) that cfedit wrote (edits, pairs, grids: *.cf<k>.png, "
+                        "*.pair<k>.png, grid.png, chart.png) in the folders given; name a file to edit it")
     for p in problems:
         if on_problem:
             on_problem(p)

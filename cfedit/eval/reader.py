@@ -219,10 +219,14 @@ def reader_options(graph: CausalGraph, config: Mapping[str, Any] | None = None) 
 
 def reader_cache_path(graph: CausalGraph, data: str | Path | None = None, oracle: bool | None = None,
                       **config) -> Path:
-    """``<user cache>/readers/<graph>-<structure hash>-<config hash>.safetensors``."""
+    """``<user cache>/readers/<graph>-<structure hash>-<config hash>.safetensors``; the config hash
+    covers the reader's recipe and the data's *content* (:func:`cfedit.data.sources.data_fingerprint`:
+    the label file and the image list), never the folder's path."""
     from cfedit.data import default_cache_dir
+    from cfedit.data.sources import data_fingerprint
 
-    cfg = {**READER_DEFAULTS, **config, "data": str(data) if data else graph.data,
+    generated = data is None and "barmnist" in (graph.data or {})  # (the key of the readers cached so far)
+    cfg = {**READER_DEFAULTS, **config, "data": graph.data if generated else data_fingerprint(graph, data),
            "oracle": list(_oracle_names(graph, oracle))}
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return default_cache_dir() / "readers" / f"{graph.name}-{graph.structure_hash()[:12]}-{key}.safetensors"

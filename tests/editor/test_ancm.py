@@ -102,9 +102,10 @@ def test_edit_cli_writes_pairs_and_json_lines(tiny, tmp_path, mnist_root):
     args = ["edit", str(tmp_path / "in"), "--set", "color=red", "--samples", "2", "-c", str(tiny[0]),
             "--out", str(tmp_path / "out")]
     r = runner.invoke(app, args)
-    assert r.exit_code == 1  # one unreadable image: reported, skipped, and the status says so
+    assert r.exit_code == 2  # one unreadable image: an input error, reported and skipped, the rest edited
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
-    assert len(lines) == 4 * 2  # three digits and the grid.png written beside them
+    assert len(lines) == 3 * 2  # three digits; the grid.png written beside them is cfedit's own: skipped
+    assert "skipped 1 file(s) that cfedit wrote" in r.stderr
     rec = lines[0]
     assert rec["counterfactual"]["color"] == "red" and "bar" in rec["bounds"]
     assert (tmp_path / "out" / "000000.pair1.png").exists()

@@ -226,8 +226,36 @@ def test_an_unreadable_file_is_reported_and_the_rest_still_edited(tmp_path):
     inputs = copies(tmp_path / "in", 5)
     (inputs / "copy0002.png").write_bytes(b"not a png")
     r = cli(inputs, "--set", "color=red", "--out", tmp_path / "o")
-    assert r.exit_code == 1
+    assert r.exit_code == 2  # an input error; the others are edited
     errors = [line for line in r.stderr.splitlines() if line.startswith("cfedit: error:")]
     assert len(errors) == 1 and "copy0002.png" in errors[0]
     assert [json.loads(x)["key"] for x in r.stdout.splitlines()] == [f"copy000{i}.png" for i in (0, 1, 3, 4)]
     assert len(records(tmp_path / "o" / "edits.jsonl")) == 4
+
+
+def test_folders_skip_what_cfedit_wrote_and_unsure_readings_are_flagged(tmp_path):
+    from cfedit.editor.batch import LOW_CONFIDENCE, read_with_confidence
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a.png", "a.cf0.png", "a.pair3.png", "grid.png", "chart.png", "cfg.png"):
+        Image.new("RGB", (28, 28)).save(d / name)
+    skipped = []
+    units, problems = gather_inputs([str(d)], skipped=skipped)
+    assert [u.key for u in units] == ["a.png", "cfg.png"] and not problems
+    assert sorted(p.name for p in skipped) == ["a.cf0.png", "a.pair3.png", "chart.png", "grid.png"]
+    units, _ = gather_inputs([str(d / "grid.png")])  # named as a file: edited
+    assert [u.key for u in units] == ["grid.png"]
+
+    class Labeller:
+        def predict_proba(self, images):
+            return [np.array([[0.05] * 9 + [0.55], [0.0] * 9 + [1.0]]), np.array([[0.99, 0.01], [0.1, 0.9]]),
+                    np.array([[1.0, 0.0], [0.0, 1.0]])]
+
+    from cfedit.causal.graph_file import load_graph
+
+    fake = type("M", (), {"graph": load_graph("backdoor"), "labeller": Labeller()})()
+    v, unsure = read_with_confidence(fake, np.zeros((2, 3, 28, 28), np.uint8), {})
+    assert v.tolist() == [[9, 0, 0], [9, 1, 1]] and unsure == [(0, "digit", 0.55)] and 0.55 < LOW_CONFIDENCE
+    v, unsure = read_with_confidence(fake, np.zeros((2, 3, 28, 28), np.uint8), {"digit": "3"})
+    assert v[:, 0].tolist() == [3, 3] and unsure == []  # a given factor is not read
