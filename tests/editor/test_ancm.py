@@ -190,7 +190,8 @@ def test_a_warm_start_keeps_the_labeller_and_trains_the_masked_editor_further(ti
 
     g = load_graph("backdoor")
     opts = FitOptions(mnist_root=str(mnist_root), n_train=128, n_eval=32, epochs=1, labeller_epochs=1,
-                      mechanism="masked", mechanism_options={"batch_size": 32, "width": 8, "blocks": 1, "d_width": 8})
+                      mechanism="masked", mechanism_options={"batch_size": 32, "width": 8, "blocks": 1, "d_width": 8,
+                                                          "d_warmup": 0})
     first, _ = fit_ancm(g, tmp_path / "first.safetensors", opts)
     second, summary = fit_ancm(g, tmp_path / "second.safetensors",
                                replace(opts, init_from=str(tmp_path / "first.safetensors")))
