@@ -3,7 +3,7 @@
     python benchmarks/bench_ncm.py                       # both settings, every named query
     python benchmarks/bench_ncm.py --settings backdoor --queries recolor_green recolor_red
 
-P(V) is empirical, from ``--samples`` draws of the ground-truth SCM (as the issue specifies); the
+P(V) is empirical, from ``--samples`` draws of the ground-truth SCM; the
 exact bounds are computed from that same P(V). For each setting the default NCM is fitted once
 (its time, TV to P(V) and counterfactual acceptance rate are printed) and then, per query, the max
 and min models are trained from it. Figures are measured in this run; nothing is asserted.

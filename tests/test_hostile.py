@@ -1,6 +1,6 @@
 """Hostile and broken input: one clear line, bounded time and memory, never a wrong answer.
 
-Each section is one class of problem (see the issue "Hardening"); add a case to its table or a test
+Each section is one class of problem; add a case to its table or a test
 next to it. Conventions: a user error exits 2 and prints exactly one stderr line
 ``cfedit: error: ...`` naming the file, line or key (:func:`one_line`); anything else that escapes
 is a bug (exit 1, one line, a request to report it). Boundedness is shown with limits refused

@@ -1,5 +1,5 @@
 """Faces: the shipped CelebA-HQ model edits the example face through the CLI (no data needed), a tiny
-residual face model trains on the real folder, and (slow) the shipped model meets the issue's bars."""
+residual face model trains on the real folder, and (slow) the shipped model meets the face bars it was held to."""
 
 import json
 

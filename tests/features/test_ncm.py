@@ -18,7 +18,7 @@ from cfedit.features.ncm import NCM, NCMConfig, NCMError, ZeroEvidenceError, fit
 from cfedit.causal.query import QueryError, parse_query
 from cfedit.causal.scm import builtin_scm
 
-# Exact bounds from the true P(V) (the figures); the empirical P(V) moves them slightly,
+# Exact bounds from the true P(V) (as `cfedit bounds` prints them); the empirical P(V) moves them slightly,
 # so the tests compare with the bounds of the P(V) the model was fitted to when bounds.py is there.
 KNOWN = {
     ("backdoor", "P(bar_{color=green}=yes | digit=3, color=red, bar=yes)"): (0.5691, 1.0),
