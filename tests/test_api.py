@@ -38,11 +38,11 @@ def test_the_readme_python_example_runs():
     assert arr[..., 1].sum() > arr[..., 0].sum()  # the ink went to the green channel
 
 
-def test_apply_returns_the_type_it_was_given():
+def test_apply_returns_the_type_it_was_given(mnist_root):
     model = cfedit.load(REPO / "checkpoints" / "backdoor.safetensors")
     from cfedit.data import BarMNIST
 
-    x = BarMNIST("backdoor", "test", n=4, seed=3).images  # uint8 [4, 3, 28, 28]
+    x = BarMNIST("backdoor", "test", n=4, seed=3, root=mnist_root).images  # uint8 [4, 3, 28, 28]
     do = {"color": "red"}
     as_uint8 = model.apply(x, do, seed=1)
     assert as_uint8.dtype == np.uint8 and as_uint8.shape == x.shape
