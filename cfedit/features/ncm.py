@@ -604,7 +604,7 @@ class NCM:
             opt.step()
             sched.step()
             if progress is not None:
-                progress(step + 1, steps, float(kl))
+                progress(step + 1, steps, float(kl.detach()))
         self.fitted = True
         self._eval_noise = None
         tv = total_variation(self.joint(), pv)
