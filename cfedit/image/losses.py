@@ -118,8 +118,9 @@ class AttributeDiscriminator(nn.Module):
         return self.adv(h).flatten(1), list(logits)
 
 
-def _ce(logits: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
-    return sum(F.cross_entropy(lg.float(), v[:, j]) for j, lg in enumerate(logits))
+def _ce(logits: list[torch.Tensor], v: torch.Tensor, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+    return sum(F.cross_entropy(lg.float(), v[:, j], weight=None if weights is None else weights[j])
+               for j, lg in enumerate(logits))
 
 
 def _tv(m: torch.Tensor) -> torch.Tensor:
@@ -129,11 +130,31 @@ def _tv(m: torch.Tensor) -> torch.Tensor:
 class MaskedGANLoss(nn.Module):
     """One training step's losses as a module (``aux`` is the discriminator, saved in resume state)."""
 
-    def __init__(self, editor: MaskedEditor, disc: AttributeDiscriminator, opts: Mapping):
+    def __init__(self, editor: MaskedEditor, disc: AttributeDiscriminator, opts: Mapping,
+                 regions: torch.Tensor | None = None, value_weights: list[torch.Tensor] | None = None):
+        """``regions`` [k, S, S] in [0, 1]: where each factor lives (a masked pixel outside the changed
+        factors' regions costs 1 + opts["region"] times as much); ``value_weights``: per factor, the
+        weight of each value in the attribute head's loss on real photos (None: all 1)."""
         super().__init__()
         self.mech, self.aux = editor, disc
         self.w = {k: float(opts[k]) for k in ("cls_g", "cls_d", "cycle", "mask", "smooth")}
+        self.region = float(opts.get("region", 0.0)) if regions is not None else 0.0
+        self.register_buffer("regions", regions if regions is not None else torch.zeros(0), persistent=False)
+        self.value_weights = None
+        if value_weights is not None:
+            for j, wj in enumerate(value_weights):
+                self.register_buffer(f"value_weight_{j}", wj, persistent=False)
+            self.value_weights = len(value_weights)
         self.g_on = 1.0  # 0 while only the discriminator learns (d_warmup)
+
+    def mask_price(self, v: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor | float:
+        """The price of masking each pixel, [n, 1, S, S] (or 1.0 without regions): 1 inside the
+        changed factors' regions, up to 1 + region outside them (and everywhere when nothing changes)."""
+        if self.region <= 0:
+            return 1.0
+        changed = (v_new != v).to(self.regions.dtype)  # [n, k]
+        inside = (changed[:, :, None, None] * self.regions[None]).amax(1, keepdim=True)
+        return 1.0 + self.region * (1.0 - inside)
 
     def forward(self, x: torch.Tensor, v: torch.Tensor, v_new: torch.Tensor,
                 seen: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -147,14 +168,17 @@ class MaskedGANLoss(nn.Module):
         edited_seen = seen(edited, 1)
         fake_adv, _ = self.aux(edited_seen.detach())
         d_adv = F.relu(1 - real_adv).mean() + F.relu(1 + fake_adv).mean()
-        d_cls = _ce(real_cls, v)
+        weights = None if self.value_weights is None else [
+            getattr(self, f"value_weight_{j}") for j in range(self.value_weights)]
+        d_cls = _ce(real_cls, v, weights)
         frozen = {k: t.detach() for k, t in self.aux.named_parameters()}
         frozen.update(dict(self.aux.named_buffers()))
         g_adv_map, g_cls_logits = torch.func.functional_call(self.aux, frozen, (edited_seen,))
         g_adv = -g_adv_map.mean()
         g_cls = _ce(g_cls_logits, v_new)
         cycle = (back - x).abs().mean()
-        mask = 0.5 * (m.mean() + m2.mean())
+        price = self.mask_price(v, v_new)
+        mask = 0.5 * ((price * m).mean() + (price * m2).mean())
         smooth = 0.5 * (_tv(m) + _tv(m2))
         g_loss = g_adv + w["cls_g"] * g_cls + w["cycle"] * cycle + w["mask"] * mask + w["smooth"] * smooth
         loss = d_adv + w["cls_d"] * d_cls + self.g_on * g_loss

@@ -177,3 +177,78 @@ def test_a_warm_start_may_change_the_colour_mode_and_the_warm_up_trains_only_the
         if not k.startswith("head."):
             assert torch.equal(t, rgb.state_dict()[k]), k
     assert tone.state_dict()["head.weight"].shape[0] == 3 and rgb.state_dict()["head.weight"].shape[0] == 4
+
+
+class Corners:
+    """Images uint8 [n, 1, 16, 16]: factor a lights the top-left 4x4 corner, factor b (three values)
+    the bottom-right one at brightness 0, 120 or 240; everything else is black."""
+
+    def __init__(self, factors):
+        self.factors = np.asarray(factors, dtype=np.int64)
+        self.images = np.zeros((len(self.factors), 1, 16, 16), dtype=np.uint8)
+        for i, (a, b) in enumerate(self.factors):
+            self.images[i, 0, :4, :4] = 255 * a
+            self.images[i, 0, -4:, -4:] = 120 * b
+
+    def __len__(self):
+        return len(self.factors)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.images[i] / 255.0).float(), torch.from_numpy(self.factors[i])
+
+
+def test_attribute_regions_are_where_photos_with_different_values_differ():
+    from cfedit.image.masked_training import REGION_BLUR, attribute_regions
+
+    ds = Corners([[0, 0], [1, 1], [0, 2], [1, 0], [0, 1], [1, 2]])
+    r = attribute_regions(ds, [2, 3])
+    assert r.shape == (2, 16, 16) and r.min() >= 0 and torch.allclose(r.amax((1, 2)), torch.ones(2))
+    # a is balanced against b, so its map is the top-left corner only (spread by the blur), and b's map
+    # the bottom-right one: nothing of one factor leaks into the other's corner
+    far = REGION_BLUR // 2 + 4
+    assert (r[0, :4, :4] > 0.3).all() and (r[0, far:, :] == 0).all() and (r[0, :, far:] == 0).all()
+    assert (r[1, -4:, -4:] > 0.3).all() and (r[1, :-far, :] == 0).all() and (r[1, :, :-far] == 0).all()
+    # the same from the generic item path, and a factor with one value seen gets no preference
+    assert torch.allclose(attribute_regions(ItemsOnlyCorners(ds), [2, 3]), r)
+    flat = attribute_regions(Corners([[0, 1], [1, 1]]), [2, 3])
+    assert torch.equal(flat[1], torch.ones(16, 16))
+
+
+class ItemsOnlyCorners:
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+def test_value_weights_weigh_a_value_by_its_rarity_up_to_the_cap():
+    from cfedit.image.masked_training import BALANCE_CAP, value_weights
+
+    # a: 3 of 4 photos have 0; b: value 2 never occurs, value 1 once in 4
+    w = value_weights(Corners([[0, 0], [0, 0], [0, 1], [1, 0]]), [2, 3])
+    assert torch.allclose(w[0], torch.tensor([1 / (2 * 0.75), 1 / (2 * 0.25)]))
+    assert torch.allclose(w[1], torch.tensor([1 / (3 * 0.75), 1 / (3 * 0.25), BALANCE_CAP]))
+
+
+def test_the_mask_costs_less_inside_the_changed_factors_regions():
+    from cfedit.image.losses import MaskedGANLoss
+    from cfedit.image.masked_training import MASKED_DEFAULTS
+
+    e = MaskedEditor(["a", "b"], [2, 3], channels=1, size=16, width=8, blocks=1)
+    regions = torch.zeros(2, 16, 16)
+    regions[0, :4, :4] = 1.0
+    regions[1, -4:, -4:] = 0.5
+    loss = MaskedGANLoss(e, AttributeDiscriminator(1, 16, [2, 3], width=8), {**MASKED_DEFAULTS, "region": 4.0},
+                         regions=regions)
+    v = torch.tensor([[0, 0], [0, 0], [0, 0]])
+    v_new = torch.tensor([[0, 0], [1, 0], [1, 2]])
+    price = loss.mask_price(v, v_new)
+    assert price.shape == (3, 1, 16, 16)
+    assert (price[0] == 5.0).all()  # nothing changes: every masked pixel at the full price
+    assert (price[1, 0, :4, :4] == 1.0).all() and (price[1, 0, 4:, 4:] == 5.0).all()
+    assert (price[2, 0, :4, :4] == 1.0).all() and (price[2, 0, -4:, -4:] == 3.0).all()  # the union
+    assert MaskedGANLoss(e, AttributeDiscriminator(1, 16, [2, 3], width=8), MASKED_DEFAULTS).mask_price(v, v_new) == 1.0
