@@ -10,7 +10,7 @@ import torch
 from cfedit.image import MaskedEditor, mechanism_from_config
 from cfedit.image.losses import AttributeDiscriminator
 from cfedit.image.masked_training import train_masked_editor
-from tests.image.test_mechanism import Squares
+from tests.image.test_mechanism import ItemsOnly, Squares
 
 TINY = {"width": 8, "blocks": 1, "d_width": 8, "batch_size": 16, "d_warmup": 0}
 
@@ -209,20 +209,9 @@ def test_attribute_regions_are_where_photos_with_different_values_differ():
     assert (r[0, :4, :4] > 0.3).all() and (r[0, far:, :] == 0).all() and (r[0, :, far:] == 0).all()
     assert (r[1, -4:, -4:] > 0.3).all() and (r[1, :-far, :] == 0).all() and (r[1, :, :-far] == 0).all()
     # the same from the generic item path, and a factor with one value seen gets no preference
-    assert torch.allclose(attribute_regions(ItemsOnlyCorners(ds), [2, 3]), r)
+    assert torch.allclose(attribute_regions(ItemsOnly(ds), [2, 3]), r)
     flat = attribute_regions(Corners([[0, 1], [1, 1]]), [2, 3])
     assert torch.equal(flat[1], torch.ones(16, 16))
-
-
-class ItemsOnlyCorners:
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.ds[i]
 
 
 def test_value_weights_weigh_a_value_by_its_rarity_up_to_the_cap():
