@@ -27,7 +27,8 @@ MECHANISM_OPTIONS: dict[str, dict[str, Any]] = {
                "width": COUNT, "blocks": COUNT, "head_width": COUNT, "swap_p": FRACTION, "cls_g": NUMBER,
                "cls_d": NUMBER, "cycle": NUMBER, "mask": NUMBER, "smooth": NUMBER, "d_width": COUNT,
                "d_shift": WHOLE, "colour_pool": COUNT, "delta_bound": NUMBER, "colour": ("rgb", "tone"),
-               "d_warmup": WHOLE, "region": NUMBER, "cls_balance": FLAG, "save_every": COUNT},
+               "d_warmup": WHOLE, "region": NUMBER, "cls_balance": FLAG, "gate": FRACTION,
+               "save_every": COUNT},
 }
 #: ``fit:`` options besides those of the chosen mechanism (``mechanism:``, default cvae).
 FIT_OPTIONS: dict[str, Any] = {"epochs": COUNT, "labeller_epochs": COUNT, "residual": FLAG,

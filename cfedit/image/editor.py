@@ -2,7 +2,12 @@
 
     u_I = (x, v)                      abduction: the photo and its factual factors
     C, m = G(x, v', v' - v)           a colour layer and a mask in [0, 1] per pixel
-    f_I(v', u_I) = x + m * (C - x)    the photo, changed only where the mask is on
+    f_I(v', u_I) = x + g * m * (C - x)    the photo, changed only where the mask is on
+
+g is an optional gate (``gate > 0``): per pixel, how much the changed factors live there, from a map
+per factor learnt from the training photos at fit time (``regions``, see
+``cfedit.image.masked_training.attribute_regions``) and saved with the editor. An edit of eyeglasses
+can then only touch the eye band, one of gray hair only the hair, whatever the generator draws.
 
 The generator is a small U-Net (stride-2 downsampling, residual blocks at the base resolution,
 nearest-neighbour upsampling and 3x3 convolutions, which leave no checkerboard) that reads the photo
@@ -65,7 +70,7 @@ class MaskedEditor(FactorModule):
 
     def __init__(self, names: Sequence[str], sizes: Sequence[int], channels: int = 3, size: int = 64,
                  width: int = 24, blocks: int = 2, head_width: int = 8, colour_pool: int = 1,
-                 delta_bound: float = 0.0, colour: str = "rgb"):
+                 delta_bound: float = 0.0, colour: str = "rgb", gate: float = 0.0):
         super().__init__()
         if len(names) != len(sizes) or not names:
             raise ValueError("names and sizes must be non-empty and of equal length")
@@ -85,6 +90,13 @@ class MaskedEditor(FactorModule):
         if colour not in COLOUR_MODES:
             raise ValueError(f"colour must be one of {', '.join(COLOUR_MODES)}, got {colour!r}")
         self.colour = colour
+        # gate: a pixel is fully open where a changed factor's region map reaches this value, closed
+        # where it is below half of it (0: no gate). The maps are a buffer, set by set_regions at fit time
+        self.gate = float(gate)
+        if not 0.0 <= self.gate <= 1.0:
+            raise ValueError(f"gate must be in [0, 1], got {gate}")
+        if self.gate > 0:
+            self.register_buffer("regions", torch.ones(len(self.sizes), self.size, self.size))
         n, self.base = down_plan(self.size, max_down=3)
         if n == 0:
             raise ValueError(f"image size {size} cannot be halved; use an even size such as 28 or 64")
@@ -117,7 +129,34 @@ class MaskedEditor(FactorModule):
         return {"kind": self.KIND, "names": list(self.names), "sizes": list(self.sizes),
                 "channels": self.channels, "size": self.size, "width": self.width, "blocks": self.blocks,
                 "head_width": self.head_width, "colour_pool": self.colour_pool, "delta_bound": self.delta_bound,
-                **({"colour": self.colour} if self.colour != "rgb" else {})}
+                **({"colour": self.colour} if self.colour != "rgb" else {}),
+                **({"gate": self.gate} if self.gate > 0 else {})}
+
+    #: buffers that a fit sets from the data, not from a warm start's weights
+    DATA_BUFFERS = ("regions",)
+
+    def set_regions(self, regions: torch.Tensor) -> None:
+        """Set the per-factor region maps [k, S, S] in [0, 1] that the gate opens (gate > 0 only)."""
+        if self.gate <= 0:
+            raise ValueError("this editor has no gate (gate = 0)")
+        regions = torch.as_tensor(regions, dtype=self.regions.dtype)
+        if tuple(regions.shape) != tuple(self.regions.shape):
+            raise ValueError(f"regions must be {list(self.regions.shape)}, got {list(regions.shape)}")
+        if not bool(((regions >= 0) & (regions <= 1)).all()):
+            raise ValueError("regions must lie in [0, 1]")
+        with torch.no_grad():
+            self.regions.copy_(regions)
+
+    def gate_map(self, changed: torch.Tensor) -> torch.Tensor:
+        """The gate [n, 1, S, S] for which factors change ([n, k] bool): per pixel the most open of
+        the changed factors' maps (0 where nothing changes)."""
+        half = self.gate / 2
+        open_ = ((self.regions - half) / half).clamp(0.0, 1.0)  # [k, S, S]
+        return (changed.to(open_.dtype)[:, :, None, None] * open_[None]).amax(1, keepdim=True)
+
+    def _changed(self, diff: torch.Tensor) -> torch.Tensor:
+        """Which factors change [n, k], from the one-hot difference v' - v [n, sum(sizes)]."""
+        return torch.stack([d.abs().sum(1) > 0 for d in diff.split(list(self.sizes), 1)], 1)
 
     @property
     def u_dim(self) -> int:
@@ -157,6 +196,8 @@ class MaskedEditor(FactorModule):
             gray = (colour * colour.new_tensor(_LUMA)[None, :, None, None]).sum(1, keepdim=True)
             colour = colour + torch.sigmoid(field[:, 1:2]) * (gray - colour)
         mask = torch.sigmoid(mask_logit)
+        if self.gate > 0:
+            mask = mask * self.gate_map(self._changed(cond[:, sum(self.sizes):]))
         return x + mask * (colour - x), mask
 
     # -- batched inference -------------------------------------------------------------------

@@ -14,8 +14,9 @@ probability ``swap_p``):
 
 W is the mask's price per pixel: 1 + ``region`` * (1 - R), where R is where in the picture the changed
 factors live (:func:`attribute_regions`, from the data): a change is cheap where photos with the two
-values differ and dearer elsewhere, so the mask goes where the attribute is. With ``cls_balance`` the
-attribute head weighs each value by its rarity (capped at 10x), so a rare value (gray hair: 4% of
+values differ and dearer elsewhere, so the mask goes where the attribute is. With ``gate`` the same
+maps are also the editor's gate, saved with it: outside them an edit cannot change the photo at all.
+With ``cls_balance`` the attribute head weighs each value by its rarity (capped at 10x), so a rare value (gray hair: 4% of
 faces) is learnt as well as a common one.
 
 The attribute head is trained on real photos only, alongside the realism head, so an edit is read as
@@ -47,13 +48,16 @@ from cfedit.image.train import _fit, _init, _options
 # many first steps only the discriminator learns (the generator's losses are off), so that a fresh
 # attribute head has learnt real faces before an editor follows it. region: how much dearer a masked
 # pixel is outside the changed factors' regions than inside (0: the same everywhere); cls_balance:
-# weigh the attribute head's values by their rarity on real photos.
+# weigh the attribute head's values by their rarity on real photos; gate: the editor's gate (see
+# MaskedEditor: a pixel opens fully where a changed factor's region map reaches it; 0: no gate).
 MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "width": 24,
                    "blocks": 2, "head_width": 8, "colour_pool": 2, "delta_bound": 3.0, "colour": "tone",
                    "swap_p": 0.3, "cls_g": 1.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1, "smooth": 0.5,
-                   "d_width": 32, "d_shift": 2, "d_warmup": 300, "region": 6.0, "cls_balance": True,
+                   "d_width": 32, "d_shift": 2, "d_warmup": 300, "region": 6.0, "cls_balance": True, "gate": 0.5,
                    "save_every": 300}
 
+DIFFUSE_AREA = 0.35  # a factor whose map opens more of the picture than this has no region (see focus_regions)
+FLAT_REGION = 0.5  # the map such a factor gets instead: the middle price, and a gate of 0.5 or less open
 BALANCE_CAP = 10.0  # the largest weight a rare value gets in the attribute head's loss
 REGION_BLUR = 5  # the box (pixels) over which a region map is smoothed
 
@@ -74,34 +78,54 @@ def _arrays(dataset, chunk: int = 2048):
 def attribute_regions(dataset, sizes) -> torch.Tensor:
     """Where in the picture each factor lives, from the data: [k, S, S] in [0, 1].
 
-    For factor j, the largest absolute difference, over pairs of its values, between the mean photos
-    of the two values (averaged over channels), smoothed over a small box and scaled to a maximum of 1.
-    For aligned faces the map of eyeglasses is the eye band, of smiling the mouth and cheeks, of gray
-    hair the hair. A value no photo has takes part in no pair; a factor with fewer than two values seen
-    gets a map of ones (no preference).
+    Every pixel of every channel is fitted by least squares on all the factors at once (an intercept
+    and each factor's one-hot values but its first), so a factor's coefficients are its effect with
+    the others held fixed: the eyeglasses map is not the hair of men, who wear glasses more often, nor
+    the gray-hair map the face of the old. A factor's map is, per pixel, the largest absolute
+    difference of its coefficients over pairs of values seen in the data, averaged over channels,
+    smoothed over a small box and scaled to a maximum of 1. For aligned faces the eyeglasses map is
+    the eye band, smiling the mouth, gray hair the hair. A factor with fewer than two values seen gets
+    a map of ones (no preference).
     """
     sizes = [int(z) for z in sizes]
-    total, count = None, torch.zeros(len(sizes), max(sizes), dtype=torch.float64)
+    offsets = np.cumsum([0] + [z - 1 for z in sizes])  # design columns of each factor's values 1..size-1
+    width = 1 + int(offsets[-1])
+    xtx = torch.zeros(width, width, dtype=torch.float64)
+    xty, count, shape = None, torch.zeros(len(sizes), max(sizes), dtype=torch.float64), None
     for images, factors in _arrays(dataset):
-        x = images.to(torch.float64)
-        x = x.mean(1) / (255.0 if images.dtype == torch.uint8 else 1.0)  # [b, S, S]
-        if total is None:
-            total = torch.zeros(len(sizes), max(sizes), *x.shape[1:], dtype=torch.float64)
+        y = images.to(torch.float64).flatten(1) / (255.0 if images.dtype == torch.uint8 else 1.0)
+        shape = images.shape[1:]
+        design = [torch.ones(len(y), 1, dtype=torch.float64)]
         for j, size in enumerate(sizes):
-            hot = F.one_hot(factors[:, j].long(), size).to(torch.float64)  # [b, size]
-            total[j, :size] += torch.einsum("bv,bhw->vhw", hot, x)
+            hot = F.one_hot(factors[:, j].long(), size).to(torch.float64)
             count[j, :size] += hot.sum(0)
+            design.append(hot[:, 1:])
+        d = torch.cat(design, 1)
+        xtx += d.T @ d
+        xty = d.T @ y if xty is None else xty + d.T @ y
+    coef = torch.linalg.pinv(xtx) @ xty  # minimum norm where the design is degenerate
     maps = []
     for j, size in enumerate(sizes):
         seen = [a for a in range(size) if count[j, a] > 0]
         if len(seen) < 2:
-            maps.append(torch.ones(total.shape[-2:], dtype=torch.float64))
+            maps.append(torch.ones(shape[-2:], dtype=torch.float64))
             continue
-        means = total[j, seen] / count[j, seen][:, None, None]
-        diff = (means[:, None] - means[None, :]).abs().amax((0, 1))
+        beta = torch.cat([torch.zeros(1, coef.shape[1], dtype=torch.float64),
+                          coef[1 + offsets[j]:1 + offsets[j + 1]]])[seen].reshape(len(seen), *shape)
+        diff = (beta[:, None] - beta[None, :]).abs().amax((0, 1)).mean(0)  # [S, S]
         diff = F.avg_pool2d(diff[None, None], REGION_BLUR, 1, REGION_BLUR // 2, count_include_pad=False)[0, 0]
         maps.append(diff / diff.max().clamp_min(1e-12))
     return torch.stack(maps).float()
+
+
+def focus_regions(maps: torch.Tensor, gate: float = FLAT_REGION) -> torch.Tensor:
+    """The maps training uses: a factor whose map is diffuse (at least half of ``gate`` over more than
+    DIFFUSE_AREA of the picture) gets the flat map FLAT_REGION instead. On faces these are age and
+    gender, whose data maps are mostly background (old celebrities are photographed elsewhere than
+    young ones): their edits may go anywhere the mask pays for, while glasses keep to the eye band."""
+    level = (gate if gate > 0 else FLAT_REGION) / 2
+    diffuse = (maps >= level).float().mean((1, 2)) > DIFFUSE_AREA
+    return torch.where(diffuse[:, None, None], torch.full_like(maps, FLAT_REGION), maps)
 
 
 def value_weights(dataset, sizes) -> list[torch.Tensor]:
@@ -135,14 +159,17 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
                                                          head_width=opts["head_width"],
                                                          colour_pool=opts["colour_pool"],
                                                          delta_bound=opts["delta_bound"],
-                                                         colour=opts["colour"]),
+                                                         colour=opts["colour"], gate=opts["gate"]),
                    seed, state, init).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7)
         disc = AttributeDiscriminator(editor.channels, editor.size, editor.sizes, width=int(opts["d_width"]))
     if state is not None and "aux" in state:
         disc.load_state_dict(state["aux"])
-    regions = attribute_regions(dataset, editor.sizes) if float(opts["region"]) > 0 else None
+    regions = (focus_regions(attribute_regions(dataset, editor.sizes), float(opts["gate"]))
+               if float(opts["region"]) > 0 or float(opts["gate"]) > 0 else None)
+    if float(opts["gate"]) > 0 and state is None:  # a resumed editor has its maps in its state already
+        editor.set_regions(regions.to(device))
     weights = value_weights(dataset, editor.sizes) if opts["cls_balance"] else None
     loss_module = MaskedGANLoss(editor, disc, opts, regions=regions, value_weights=weights).to(device)
     sizes = torch.tensor(editor.sizes)
