@@ -57,7 +57,7 @@ MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "wid
                    "save_every": 300}
 
 DIFFUSE_AREA = 0.35  # a factor whose map opens more of the picture than this has no region (see focus_regions)
-FLAT_REGION = 0.5  # the map such a factor gets instead: the middle price, and a gate of 0.5 or less open
+FLAT_REGION = 0.5  # the map such a factor gets instead (or the gate's value, if higher): the gate fully open
 BALANCE_CAP = 10.0  # the largest weight a rare value gets in the attribute head's loss
 REGION_BLUR = 5  # the box (pixels) over which a region map is smoothed
 
@@ -120,12 +120,13 @@ def attribute_regions(dataset, sizes) -> torch.Tensor:
 
 def focus_regions(maps: torch.Tensor, gate: float = FLAT_REGION) -> torch.Tensor:
     """The maps training uses: a factor whose map is diffuse (at least half of ``gate`` over more than
-    DIFFUSE_AREA of the picture) gets the flat map FLAT_REGION instead. On faces these are age and
+    DIFFUSE_AREA of the picture) gets a flat map instead, at FLAT_REGION or ``gate`` if higher (a gate
+    fully open, a middle mask price). On faces these are age and
     gender, whose data maps are mostly background (old celebrities are photographed elsewhere than
     young ones): their edits may go anywhere the mask pays for, while glasses keep to the eye band."""
     level = (gate if gate > 0 else FLAT_REGION) / 2
     diffuse = (maps >= level).float().mean((1, 2)) > DIFFUSE_AREA
-    return torch.where(diffuse[:, None, None], torch.full_like(maps, FLAT_REGION), maps)
+    return torch.where(diffuse[:, None, None], torch.full_like(maps, max(FLAT_REGION, gate)), maps)
 
 
 def value_weights(dataset, sizes) -> list[torch.Tensor]:

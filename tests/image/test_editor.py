@@ -233,6 +233,10 @@ def test_diffuse_regions_are_replaced_by_a_flat_map():
     maps[1, :8] = 0.9  # 80%
     out = focus_regions(maps, 0.5)
     assert torch.equal(out[0], maps[0]) and torch.equal(out[1], torch.full((10, 10), FLAT_REGION))
+    # a flat map always leaves the gate fully open
+    e = MaskedEditor(["a", "b"], [2, 2], channels=1, size=10, width=8, blocks=1, gate=0.8)
+    e.set_regions(focus_regions(maps, 0.8))
+    assert (e.gate_map(torch.tensor([[False, True]])) == 1).all()
 
 
 def test_the_gate_confines_an_edit_to_the_changed_factors_regions():
