@@ -56,8 +56,8 @@ MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "wid
                    "d_width": 32, "d_shift": 2, "d_warmup": 300, "region": 6.0, "cls_balance": True, "gate": 0.5,
                    "save_every": 300}
 
-DIFFUSE_AREA = 0.35  # a factor whose map opens more of the picture than this has no region (see focus_regions)
-FLAT_REGION = 0.5  # the map such a factor gets instead (or the gate's value, if higher): the gate fully open
+DIFFUSE_AREA = 0.35  # a factor whose map opens more of the picture than this is diffuse (see focus_regions)
+FLAT_REGION = 0.5  # the map diffuse factors get when no factor is focused (or the gate's value, if higher)
 BALANCE_CAP = 10.0  # the largest weight a rare value gets in the attribute head's loss
 REGION_BLUR = 5  # the box (pixels) over which a region map is smoothed
 
@@ -119,14 +119,19 @@ def attribute_regions(dataset, sizes) -> torch.Tensor:
 
 
 def focus_regions(maps: torch.Tensor, gate: float = FLAT_REGION) -> torch.Tensor:
-    """The maps training uses: a factor whose map is diffuse (at least half of ``gate`` over more than
-    DIFFUSE_AREA of the picture) gets a flat map instead, at FLAT_REGION or ``gate`` if higher (a gate
-    fully open, a middle mask price). On faces these are age and
+    """The maps training uses. A factor whose map is diffuse (at least half of ``gate`` over more than
+    DIFFUSE_AREA of the picture) gets instead the union (the per-pixel maximum) of the other, focused
+    factors' maps: where the things the factors describe are. On faces the diffuse ones are age and
     gender, whose data maps are mostly background (old celebrities are photographed elsewhere than
-    young ones): their edits may go anywhere the mask pays for, while glasses keep to the eye band."""
+    young ones), and the union of hair, eye band, mouth and jaw keeps their edits on the person. When
+    no factor is focused, a diffuse one gets a flat map at FLAT_REGION (or ``gate`` if higher): the
+    gate fully open, a middle mask price."""
     level = (gate if gate > 0 else FLAT_REGION) / 2
     diffuse = (maps >= level).float().mean((1, 2)) > DIFFUSE_AREA
-    return torch.where(diffuse[:, None, None], torch.full_like(maps, max(FLAT_REGION, gate)), maps)
+    if bool(diffuse.all()):
+        return torch.full_like(maps, max(FLAT_REGION, gate))
+    union = maps[~diffuse].amax(0)
+    return torch.where(diffuse[:, None, None], union[None].expand_as(maps), maps)
 
 
 def value_weights(dataset, sizes) -> list[torch.Tensor]:

@@ -225,18 +225,21 @@ def test_a_factors_region_holds_the_others_fixed():
     assert r[0, 8:, 8:].abs().max() < 1e-6 and (r[0, :4, :4] > 0.3).all()
 
 
-def test_diffuse_regions_are_replaced_by_a_flat_map():
+def test_a_diffuse_region_is_replaced_by_the_union_of_the_focused_ones():
     from cfedit.image.masked_training import FLAT_REGION, focus_regions
 
-    maps = torch.zeros(2, 10, 10)
+    maps = torch.zeros(3, 10, 10)
     maps[0, :2, :2] = 1.0  # 4% of the picture
-    maps[1, :8] = 0.9  # 80%
+    maps[1, 8:, 5:] = 0.8  # 10%
+    maps[2, :8] = 0.9  # 80%: diffuse
     out = focus_regions(maps, 0.5)
-    assert torch.equal(out[0], maps[0]) and torch.equal(out[1], torch.full((10, 10), FLAT_REGION))
-    # a flat map always leaves the gate fully open
-    e = MaskedEditor(["a", "b"], [2, 2], channels=1, size=10, width=8, blocks=1, gate=0.8)
-    e.set_regions(focus_regions(maps, 0.8))
-    assert (e.gate_map(torch.tensor([[False, True]])) == 1).all()
+    assert torch.equal(out[:2], maps[:2]) and torch.equal(out[2], torch.maximum(maps[0], maps[1]))
+    # with no focused factor at all, flat maps that leave any gate fully open
+    flat = focus_regions(maps[2:], 0.8)
+    assert torch.equal(flat, torch.full((1, 10, 10), 0.8)) and FLAT_REGION <= 0.8
+    e = MaskedEditor(["a"], [2], channels=1, size=10, width=8, blocks=1, gate=0.8)
+    e.set_regions(flat)
+    assert (e.gate_map(torch.tensor([[True]])) == 1).all()
 
 
 def test_the_gate_confines_an_edit_to_the_changed_factors_regions():
