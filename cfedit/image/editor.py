@@ -62,6 +62,12 @@ class _Residual(nn.Module):
         return h + self.body(h)
 
 
+def changed_union(changed: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Per pixel, the largest of the changed factors' maps: [n, 1, S, S] from which factors change
+    ([n, k] bool) and one map per factor ([k, S, S]); 0 where nothing changes."""
+    return (changed.to(maps.dtype)[:, :, None, None] * maps[None]).amax(1, keepdim=True)
+
+
 class MaskedEditor(FactorModule):
     """``forward(x, v, v_new) -> (edited, mask)`` differentiable; ``abduct`` / ``decode`` / ``edit``
     batched for inference. ``names``/``sizes``: the graph's factors in ``graph.names`` order."""
@@ -151,8 +157,7 @@ class MaskedEditor(FactorModule):
         """The gate [n, 1, S, S] for which factors change ([n, k] bool): per pixel the most open of
         the changed factors' maps (0 where nothing changes)."""
         half = self.gate / 2
-        open_ = ((self.regions - half) / half).clamp(0.0, 1.0)  # [k, S, S]
-        return (changed.to(open_.dtype)[:, :, None, None] * open_[None]).amax(1, keepdim=True)
+        return changed_union(changed, ((self.regions - half) / half).clamp(0.0, 1.0))
 
     def _changed(self, diff: torch.Tensor) -> torch.Tensor:
         """Which factors change [n, k], from the one-hot difference v' - v [n, sum(sizes)]."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cfedit.image.editor import MaskedEditor
+from cfedit.image.editor import MaskedEditor, changed_union
 from cfedit.image.labeller import Labeller
 from cfedit.image.mechanism import ImageMechanism, down_plan
 from cfedit.image.augment import shift_by
@@ -140,11 +140,10 @@ class MaskedGANLoss(nn.Module):
         self.w = {k: float(opts[k]) for k in ("cls_g", "cls_d", "cycle", "mask", "smooth")}
         self.region = float(opts.get("region", 0.0)) if regions is not None else 0.0
         self.register_buffer("regions", regions if regions is not None else torch.zeros(0), persistent=False)
-        self.value_weights = None
-        if value_weights is not None:
-            for j, wj in enumerate(value_weights):
-                self.register_buffer(f"value_weight_{j}", wj, persistent=False)
-            self.value_weights = len(value_weights)
+        # all factors' value weights in one buffer (so they follow the module's device), split per factor
+        self.balanced = value_weights is not None
+        self.register_buffer("value_weights", torch.cat(list(value_weights)) if self.balanced else torch.zeros(0),
+                             persistent=False)
         self.g_on = 1.0  # 0 while only the discriminator learns (d_warmup)
 
     def mask_price(self, v: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor | float:
@@ -152,9 +151,7 @@ class MaskedGANLoss(nn.Module):
         changed factors' regions, up to 1 + region outside them (and everywhere when nothing changes)."""
         if self.region <= 0:
             return 1.0
-        changed = (v_new != v).to(self.regions.dtype)  # [n, k]
-        inside = (changed[:, :, None, None] * self.regions[None]).amax(1, keepdim=True)
-        return 1.0 + self.region * (1.0 - inside)
+        return 1.0 + self.region * (1.0 - changed_union(v_new != v, self.regions))
 
     def forward(self, x: torch.Tensor, v: torch.Tensor, v_new: torch.Tensor,
                 seen: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -168,8 +165,7 @@ class MaskedGANLoss(nn.Module):
         edited_seen = seen(edited, 1)
         fake_adv, _ = self.aux(edited_seen.detach())
         d_adv = F.relu(1 - real_adv).mean() + F.relu(1 + fake_adv).mean()
-        weights = None if self.value_weights is None else [
-            getattr(self, f"value_weight_{j}") for j in range(self.value_weights)]
+        weights = self.value_weights.split(list(self.mech.sizes)) if self.balanced else None
         d_cls = _ce(real_cls, v, weights)
         frozen = {k: t.detach() for k, t in self.aux.named_parameters()}
         frozen.update(dict(self.aux.named_buffers()))

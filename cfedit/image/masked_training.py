@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from cfedit.image.augment import shift_by
 from cfedit.image.editor import MaskedEditor
 from cfedit.image.losses import AttributeDiscriminator, MaskedGANLoss
-from cfedit.image.train import _fit, _init, _options
+from cfedit.image.train import _batches, _fit, _init, _options
 
 # swap_p: chance each factor is resampled for a step's target; cls_g / cls_d: weights of the attribute
 # loss on edits (generator) and on real photos (discriminator); cycle: L1 weight of the round trip;
@@ -60,19 +60,7 @@ DIFFUSE_AREA = 0.35  # a factor whose map opens more of the picture than this is
 FLAT_REGION = 0.5  # the map diffuse factors get when no factor is focused (or the gate's value, if higher)
 BALANCE_CAP = 10.0  # the largest weight a rare value gets in the attribute head's loss
 REGION_BLUR = 5  # the box (pixels) over which a region map is smoothed
-
-
-def _arrays(dataset, chunk: int = 2048):
-    """(uint8 images [b, C, S, S], int factors [b, k]) of ``dataset`` in chunks."""
-    images, factors = getattr(dataset, "images", None), getattr(dataset, "factors", None)
-    if isinstance(images, np.ndarray) and isinstance(factors, np.ndarray):
-        for i in range(0, len(images), chunk):
-            yield torch.from_numpy(np.array(images[i:i + chunk])), torch.from_numpy(np.array(factors[i:i + chunk]))
-        return
-    for i in range(0, len(dataset), chunk):
-        items = [dataset[j] for j in range(i, min(i + chunk, len(dataset)))]
-        yield (torch.stack([torch.as_tensor(it[0]) for it in items]),
-               torch.stack([torch.as_tensor(it[1]) for it in items]))
+CHUNK = 2048  # photos read at a time when the maps and weights are computed
 
 
 def attribute_regions(dataset, sizes) -> torch.Tensor:
@@ -92,8 +80,8 @@ def attribute_regions(dataset, sizes) -> torch.Tensor:
     width = 1 + int(offsets[-1])
     xtx = torch.zeros(width, width, dtype=torch.float64)
     xty, count, shape = None, torch.zeros(len(sizes), max(sizes), dtype=torch.float64), None
-    for images, factors in _arrays(dataset):
-        y = images.to(torch.float64).flatten(1) / (255.0 if images.dtype == torch.uint8 else 1.0)
+    for images, factors in _batches(dataset, torch.arange(len(dataset)), CHUNK, "cpu"):
+        y = images.to(torch.float64).flatten(1)  # in [0, 1]
         shape = images.shape[1:]
         design = [torch.ones(len(y), 1, dtype=torch.float64)]
         for j, size in enumerate(sizes):
@@ -139,7 +127,7 @@ def value_weights(dataset, sizes) -> list[torch.Tensor]:
     (a value no photo has gets the cap: it is never a target on real photos anyway)."""
     sizes = [int(z) for z in sizes]
     count = torch.zeros(len(sizes), max(sizes), dtype=torch.float64)
-    for _, factors in _arrays(dataset):
+    for _, factors in _batches(dataset, torch.arange(len(dataset)), CHUNK, "cpu"):
         for j, size in enumerate(sizes):
             count[j, :size] += torch.bincount(factors[:, j].long(), minlength=size)[:size].to(torch.float64)
     out = []
