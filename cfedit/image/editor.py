@@ -43,7 +43,7 @@ from cfedit.image.mechanism import (
     to_long,
 )
 
-COLOUR_MODES = ("rgb", "tone")
+COLOUR_MODES = ("rgb", "tone", "luma")
 _LUMA = (0.299, 0.587, 0.114)  # Rec. 601 weights of a pixel's gray
 _EPS = 0.01  # photo values are clamped to [_EPS, 1 - _EPS] before the logit of the colour layer
 
@@ -128,7 +128,7 @@ class MaskedEditor(FactorModule):
             self.head.weight.mul_(0.1)
             self.head.bias.zero_()
             self.head.bias[-1] = -3.0
-            if colour == "tone":
+            if colour in ("tone", "luma"):
                 self.head.bias[1] = -4.0  # desaturation about 0.02
 
     def config(self) -> dict[str, Any]:
@@ -195,11 +195,26 @@ class MaskedEditor(FactorModule):
         delta = field if self.colour == "rgb" else field[:, :1]
         if self.delta_bound > 0:
             delta = self.delta_bound * torch.tanh(delta / self.delta_bound)
+        if self.colour == "luma" and self.channels == 3:
+            return self._blend(x, self._luma_colour(x, delta, field[:, 1:2]), mask_logit, cond)
         xc = x.clamp(_EPS, 1 - _EPS)
         colour = torch.sigmoid(torch.log(xc) - torch.log1p(-xc) + delta)
         if self.colour == "tone" and self.channels == 3:
             gray = (colour * colour.new_tensor(_LUMA)[None, :, None, None]).sum(1, keepdim=True)
             colour = colour + torch.sigmoid(field[:, 1:2]) * (gray - colour)
+        return self._blend(x, colour, mask_logit, cond)
+
+    @staticmethod
+    def _luma_colour(x: torch.Tensor, delta: torch.Tensor, desat_logit: torch.Tensor) -> torch.Tensor:
+        """The "luma" colour layer: the pixel's gray shifted in logits, its chroma (x - gray) kept in
+        absolute terms and scaled down by the desaturation; brightening a dark pixel therefore does
+        not amplify its colour noise (the "tone" layer shifts each channel's logit, which does)."""
+        gray = (x * x.new_tensor(_LUMA)[None, :, None, None]).sum(1, keepdim=True)
+        g = gray.clamp(_EPS, 1 - _EPS)
+        shifted = torch.sigmoid(torch.log(g) - torch.log1p(-g) + delta)
+        return (shifted + (1 - torch.sigmoid(desat_logit)) * (x - gray)).clamp(0.0, 1.0)
+
+    def _blend(self, x, colour, mask_logit, cond):
         mask = torch.sigmoid(mask_logit)
         if self.gate > 0:
             mask = mask * self.gate_map(self._changed(cond[:, sum(self.sizes):]))

@@ -51,7 +51,7 @@ from cfedit.image.train import _batches, _fit, _init, _options
 # weigh the attribute head's values by their rarity on real photos; gate: the editor's gate (see
 # MaskedEditor: a pixel opens fully where a changed factor's region map reaches it; 0: no gate).
 MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "width": 24,
-                   "blocks": 2, "head_width": 8, "colour_pool": 2, "delta_bound": 3.0, "colour": "tone",
+                   "blocks": 2, "head_width": 8, "colour_pool": 2, "delta_bound": 3.0, "colour": "luma",
                    "swap_p": 0.3, "cls_g": 1.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1, "smooth": 0.5,
                    "d_width": 32, "d_shift": 2, "d_warmup": 300, "region": 6.0, "cls_balance": True, "gate": 0.5,
                    "save_every": 300}

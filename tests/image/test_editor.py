@@ -167,6 +167,24 @@ def test_the_tone_colour_layer_lightens_darkens_or_grays_but_never_changes_a_hue
         MaskedEditor(["c"], [2], channels=3, size=16, colour="hsv")
 
 
+def test_the_luma_colour_layer_shifts_the_gray_and_keeps_or_removes_the_chroma_without_amplifying_it():
+    x = torch.tensor([0.06, 0.10, 0.14]).reshape(1, 3, 1, 1).expand(1, 3, 4, 4).contiguous()  # dark, bluish
+    gray = (x * torch.tensor([0.299, 0.587, 0.114]).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
+    zero, off, on = torch.zeros(1, 1, 4, 4), torch.full((1, 1, 4, 4), -30.0), torch.full((1, 1, 4, 4), 30.0)
+    assert torch.allclose(MaskedEditor._luma_colour(x, zero, off), x, atol=1e-6)  # no shift, no desaturation
+    lift = torch.full((1, 1, 4, 4), 2.5)
+    lit = MaskedEditor._luma_colour(x, lift, off)
+    new_gray = torch.sigmoid(torch.logit(gray) + 2.5)
+    # brightened: the gray moves in logits, the chroma x - gray stays as it was (0.04 apart, not more)
+    assert torch.allclose(lit - new_gray, x - gray, atol=1e-6)
+    assert float(lit[0, 2, 0, 0] - lit[0, 0, 0, 0]) == pytest.approx(0.08, abs=1e-6)
+    grayed = MaskedEditor._luma_colour(x, lift, on)  # fully desaturated: a neutral gray, all channels equal
+    assert torch.allclose(grayed, new_gray.expand(1, 3, 4, 4), atol=1e-6)
+    e = MaskedEditor(["c"], [2], channels=3, size=16, width=8, blocks=1, colour="luma", colour_pool=2,
+                     delta_bound=3.0)
+    assert mechanism_from_config(e.config()).config() == e.config() and e.config()["colour"] == "luma"
+
+
 def test_a_warm_start_may_change_the_colour_mode_and_the_warm_up_trains_only_the_discriminator():
     ds = Squares(32, seed=2)
     rgb, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=0, **dict(TINY, colour="rgb"))
