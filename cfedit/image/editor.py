@@ -68,6 +68,17 @@ def changed_union(changed: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     return (changed.to(maps.dtype)[:, :, None, None] * maps[None]).amax(1, keepdim=True)
 
 
+def _gray(t: torch.Tensor) -> torch.Tensor:
+    """Each pixel's gray [n, 1, S, S] of RGB images [n, 3, S, S]."""
+    return (t * t.new_tensor(_LUMA)[None, :, None, None]).sum(1, keepdim=True)
+
+
+def _logit_shift(t: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """sigmoid(logit(t) + delta), with t clamped to [_EPS, 1 - _EPS] first."""
+    t = t.clamp(_EPS, 1 - _EPS)
+    return torch.sigmoid(torch.log(t) - torch.log1p(-t) + delta)
+
+
 class MaskedEditor(FactorModule):
     """``forward(x, v, v_new) -> (edited, mask)`` differentiable; ``abduct`` / ``decode`` / ``edit``
     batched for inference. ``names``/``sizes``: the graph's factors in ``graph.names`` order."""
@@ -197,11 +208,9 @@ class MaskedEditor(FactorModule):
             delta = self.delta_bound * torch.tanh(delta / self.delta_bound)
         if self.colour == "luma" and self.channels == 3:
             return self._blend(x, self._luma_colour(x, delta, field[:, 1:2]), mask_logit, cond)
-        xc = x.clamp(_EPS, 1 - _EPS)
-        colour = torch.sigmoid(torch.log(xc) - torch.log1p(-xc) + delta)
+        colour = _logit_shift(x, delta)
         if self.colour == "tone" and self.channels == 3:
-            gray = (colour * colour.new_tensor(_LUMA)[None, :, None, None]).sum(1, keepdim=True)
-            colour = colour + torch.sigmoid(field[:, 1:2]) * (gray - colour)
+            colour = colour + torch.sigmoid(field[:, 1:2]) * (_gray(colour) - colour)
         return self._blend(x, colour, mask_logit, cond)
 
     @staticmethod
@@ -209,10 +218,8 @@ class MaskedEditor(FactorModule):
         """The "luma" colour layer: the pixel's gray shifted in logits, its chroma (x - gray) kept in
         absolute terms and scaled down by the desaturation; brightening a dark pixel therefore does
         not amplify its colour noise (the "tone" layer shifts each channel's logit, which does)."""
-        gray = (x * x.new_tensor(_LUMA)[None, :, None, None]).sum(1, keepdim=True)
-        g = gray.clamp(_EPS, 1 - _EPS)
-        shifted = torch.sigmoid(torch.log(g) - torch.log1p(-g) + delta)
-        return (shifted + (1 - torch.sigmoid(desat_logit)) * (x - gray)).clamp(0.0, 1.0)
+        gray = _gray(x)
+        return (_logit_shift(gray, delta) + (1 - torch.sigmoid(desat_logit)) * (x - gray)).clamp(0.0, 1.0)
 
     def _blend(self, x, colour, mask_logit, cond):
         mask = torch.sigmoid(mask_logit)
