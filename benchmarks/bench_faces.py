@@ -8,9 +8,9 @@ do(eyeglasses=yes) relative to the real rate; KID and FID of those edits and of 
 against real held-out faces with the new value (reader feature space); where the change lies (the
 boxes below); what age edits keep; the gray share of aged young faces per gender against the bounds
 as the reader shows them; the null edit; faces per second through the library; and the gray-hair
-edits read per factual age against real gray-haired faces of that age (``gray_by_age``: the reader
-reads real gray hair on old faces far more often than on young ones, and most edited faces are
-young, so the pooled ratio mixes the two). Writes ``grid.png``
+edits read per factual age beside real gray-haired faces of that age (``gray_by_age`` and
+``real_gray_by_age``: the reader reads real gray hair on old faces far more often than on young
+ones, and most edited faces are young, so the pooled ratio mixes the two). Writes ``grid.png``
 under ``--out`` (held-out faces x {input, age, gray hair, glasses, smile}; CelebA pictures: never
 commit them) and ``bars.json``. Figures, not asserts.
 """
@@ -60,26 +60,31 @@ def bars(report, model: str) -> dict:
     return out
 
 
+def rate_by_age(hits: np.ndarray, ages: np.ndarray, graph) -> dict:
+    """Per age value: how many faces, the share of ``hits`` among them and its Wilson interval."""
+    out = {}
+    for code, age in enumerate(graph["age"].values):
+        h = hits[ages == code]
+        out[age] = {"n": len(h), "rate": float(h.mean()) if len(h) else None,
+                    "ci": M.wilson_interval(float(h.sum()), len(h)) if len(h) else None}
+    return out
+
+
 def gray_by_age(model, reader, test, n: int = 600, seed: int = 0) -> dict:
-    """Per factual age: the reader's gray rate on do(gray_hair=yes) edits of the first ``n`` held-out
-    non-gray faces, and on the real held-out gray-haired faces of that age (each with its count and
-    Wilson interval)."""
+    """Per factual age, the reader's gray rate on do(gray_hair=yes) edits of the first ``n`` held-out
+    non-gray faces (compare with ``real_gray_by_age``)."""
     g = model.graph
-    a, h = g.axis("age"), g.axis("gray_hair")
-    f = test.factors
+    h, f = g.axis("gray_hair"), test.factors
     rows = np.flatnonzero(f[:, h] == 0)[:n]
     edited = model.edit(test.images[rows], {"gray_hair": "yes"}, factual=f[rows], seed=seed).images[:, 0]
-    read_edit = reader.read(edited)[:, h] == 1
+    return rate_by_age(reader.read(edited)[:, h] == 1, f[rows, g.axis("age")], g)
+
+
+def real_gray_by_age(reader, test, graph) -> dict:
+    """Per age, the reader's gray rate on the real held-out gray-haired faces."""
+    h, f = graph.axis("gray_hair"), test.factors
     real = np.flatnonzero(f[:, h] == 1)
-    read_real = reader.read(test.images[real])[:, h] == 1
-    out = {}
-    for code, age in enumerate(g["age"].values):
-        e, r = read_edit[f[rows, a] == code], read_real[f[real, a] == code]
-        out[age] = {"edits": {"n": len(e), "rate": float(e.mean()) if len(e) else None,
-                              "ci": M.wilson_interval(float(e.sum()), len(e)) if len(e) else None},
-                    "real": {"n": len(r), "rate": float(r.mean()) if len(r) else None,
-                             "ci": M.wilson_interval(float(r.sum()), len(r)) if len(r) else None}}
-    return out
+    return rate_by_age(reader.read(test.images[real])[:, h] == 1, f[real, graph.axis("age")], graph)
 
 
 def throughput(model, images: np.ndarray, repeats: int = 2) -> float:
@@ -114,7 +119,8 @@ def main() -> None:
     test = dataset_for_graph(g, "test", None, 0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"boxes": {"eye_band": EYE_BAND, "face_centre": FACE_CENTRE}, "models": {}}
+    result = {"boxes": {"eye_band": EYE_BAND, "face_centre": FACE_CENTRE},
+              "real_gray_by_age": real_gray_by_age(reader, test, g), "models": {}}
     for name, m in models.items():
         b = bars(report, name)
         b["faces_per_s_library"] = throughput(m, test.images[:512])

@@ -22,13 +22,10 @@ from torch.nn import functional as F
 from cfedit.causal.graph_file import load_graph
 from cfedit.data import dataset_for_graph
 from cfedit.eval import load_or_train_reader
-from cfedit.image.editor import MaskedEditor
+from cfedit.image.editor import MaskedEditor, gate_opening
 from cfedit.image.masked_training import attribute_regions
 
-
-def gate_of(region: torch.Tensor, level: float) -> torch.Tensor:
-    """The editor's gate for one map: fully open at ``level``, closed below half of it."""
-    return ((region - level / 2) / (level / 2)).clamp(0.0, 1.0)
+from bench_faces import real_gray_by_age  # this folder is on the path when run as a script
 
 
 def main() -> None:
@@ -46,17 +43,16 @@ def main() -> None:
     def read_gray(images: np.ndarray) -> float:
         return float((reader.read(images)[:, gray] == 1).mean()) if len(images) else float("nan")
 
-    for code, name in enumerate(g["age"].values):
-        real = test.images[(f[:, gray] == 1) & (f[:, age] == code)]
-        print(f"real gray-haired {name} faces: {len(real)}, read gray {read_gray(real):.3f}")
+    for name, r in real_gray_by_age(reader, test, g).items():
+        print(f"real gray-haired {name} faces: {r['n']}, read gray {r['rate']:.3f}")
     rows = np.flatnonzero(f[:, gray] == 0)[:a.n]
     young = f[rows, age] == g["age"].values.index("young")
     x = torch.from_numpy(test.images[rows]).float() / 255
     print(f"the {len(rows)} inputs ({int(young.sum())} young): read gray {read_gray(test.images[rows]):.3f}")
     region = attribute_regions(train, g.shape)[gray]
     dilated = {d: F.max_pool2d(region[None, None], 2 * d + 1, 1, d)[0, 0] for d in (3, 6)}
-    variants = [(f"gate at level {lv}", gate_of(region, lv)) for lv in (0.5, 0.3, 0.2)]
-    variants += [(f"gate dilated {d} px", gate_of(m, 0.5)) for d, m in dilated.items()]
+    variants = [(f"gate at level {lv}", gate_opening(region, lv)) for lv in (0.5, 0.3, 0.2)]
+    variants += [(f"gate dilated {d} px", gate_opening(m, 0.5)) for d, m in dilated.items()]
     variants += [("top half", (torch.arange(64)[:, None] < 32).float().expand(64, 64))]
     print(f"{'region':<22}{'open':>6}{'lift':>6}{'all':>8}{'young':>8}{'old':>8}")
     for name, gate in variants:

@@ -68,6 +68,13 @@ def changed_union(changed: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     return (changed.to(maps.dtype)[:, :, None, None] * maps[None]).amax(1, keepdim=True)
 
 
+def gate_opening(maps: torch.Tensor, gate: float) -> torch.Tensor:
+    """How open the gate is over region maps (any shape, values in [0, 1]): fully where a map reaches
+    ``gate``, closed below half of it, linear in between."""
+    half = gate / 2
+    return ((maps - half) / half).clamp(0.0, 1.0)
+
+
 def _gray(t: torch.Tensor) -> torch.Tensor:
     """Each pixel's gray [n, 1, S, S] of RGB images [n, 3, S, S]."""
     return (t * t.new_tensor(_LUMA)[None, :, None, None]).sum(1, keepdim=True)
@@ -167,8 +174,7 @@ class MaskedEditor(FactorModule):
     def gate_map(self, changed: torch.Tensor) -> torch.Tensor:
         """The gate [n, 1, S, S] for which factors change ([n, k] bool): per pixel the most open of
         the changed factors' maps (0 where nothing changes)."""
-        half = self.gate / 2
-        return changed_union(changed, ((self.regions - half) / half).clamp(0.0, 1.0))
+        return changed_union(changed, gate_opening(self.regions, self.gate))
 
     def _changed(self, diff: torch.Tensor) -> torch.Tensor:
         """Which factors change [n, k], from the one-hot difference v' - v [n, sum(sizes)]."""
