@@ -11,6 +11,7 @@ The discriminators train alongside (their state is in the resume state as ``aux`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -118,9 +119,44 @@ class AttributeDiscriminator(nn.Module):
         return self.adv(h).flatten(1), list(logits)
 
 
-def _ce(logits: list[torch.Tensor], v: torch.Tensor, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
-    return sum(F.cross_entropy(lg.float(), v[:, j], weight=None if weights is None else weights[j])
-               for j, lg in enumerate(logits))
+class HeadWeights(nn.Module):
+    """How much each real photo counts in each factor's attribute loss: per factor j, a table
+    [cells, size_j] read at the photo's stratum (the joint value of ``strata[j]``, other factors) and
+    its value of j. Built by :func:`cfedit.image.masked_training.head_weights`; a buffer per factor, so
+    the tables follow the loss module's device."""
+
+    def __init__(self, sizes, strata, tables):
+        super().__init__()
+        self.sizes = [int(z) for z in sizes]
+        self.strata = [tuple(int(i) for i in s) for s in strata]
+        for j, t in enumerate(tables):
+            if t.shape != (math.prod(self.sizes[i] for i in self.strata[j]), self.sizes[j]):
+                raise ValueError(f"factor {j}: weight table of shape {tuple(t.shape)} does not fit its strata")
+            self.register_buffer(f"table{j}", t.float(), persistent=False)
+
+    def table(self, j: int) -> torch.Tensor:
+        return getattr(self, f"table{j}")
+
+    def forward(self, j: int, v: torch.Tensor) -> torch.Tensor:
+        """The weight of each photo of a batch (factors ``v``, [n, k]) in factor j's loss, [n]."""
+        cell = torch.zeros(len(v), dtype=torch.long, device=v.device)
+        for i in self.strata[j]:
+            cell = cell * self.sizes[i] + v[:, i]
+        return self.table(j)[cell, v[:, j]]
+
+
+def _ce(logits: list[torch.Tensor], v: torch.Tensor, weights: HeadWeights | None = None) -> torch.Tensor:
+    """Sum over factors of the attribute cross-entropy; with ``weights`` each photo's term is weighed
+    and the factor's mean taken over the weights (a batch with no weight for it adds 0)."""
+    total = 0.0
+    for j, lg in enumerate(logits):
+        ce = F.cross_entropy(lg.float(), v[:, j], reduction="none")
+        if weights is None:
+            total = total + ce.mean()
+        else:
+            w = weights(j, v)
+            total = total + (w * ce).sum() / w.sum().clamp_min(1e-12)
+    return total
 
 
 def _tv(m: torch.Tensor) -> torch.Tensor:
@@ -131,19 +167,16 @@ class MaskedGANLoss(nn.Module):
     """One training step's losses as a module (``aux`` is the discriminator, saved in resume state)."""
 
     def __init__(self, editor: MaskedEditor, disc: AttributeDiscriminator, opts: Mapping,
-                 regions: torch.Tensor | None = None, value_weights: list[torch.Tensor] | None = None):
+                 regions: torch.Tensor | None = None, head_weights: HeadWeights | None = None):
         """``regions`` [k, S, S] in [0, 1]: where each factor lives (a masked pixel outside the changed
-        factors' regions costs 1 + opts["region"] times as much); ``value_weights``: per factor, the
-        weight of each value in the attribute head's loss on real photos (None: all 1)."""
+        factors' regions costs 1 + opts["region"] times as much); ``head_weights``: how much each real
+        photo counts in the attribute head's loss (None: all 1)."""
         super().__init__()
         self.mech, self.aux = editor, disc
         self.w = {k: float(opts[k]) for k in ("cls_g", "cls_d", "cycle", "mask", "smooth")}
         self.region = float(opts.get("region", 0.0)) if regions is not None else 0.0
         self.register_buffer("regions", regions if regions is not None else torch.zeros(0), persistent=False)
-        # all factors' value weights in one buffer (so they follow the module's device), split per factor
-        self.balanced = value_weights is not None
-        self.register_buffer("value_weights", torch.cat(list(value_weights)) if self.balanced else torch.zeros(0),
-                             persistent=False)
+        self.head_weights = head_weights
         self.g_on = 1.0  # 0 while only the discriminator learns (d_warmup)
 
     def mask_price(self, v: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor | float:
@@ -165,8 +198,7 @@ class MaskedGANLoss(nn.Module):
         edited_seen = seen(edited, 1)
         fake_adv, _ = self.aux(edited_seen.detach())
         d_adv = F.relu(1 - real_adv).mean() + F.relu(1 + fake_adv).mean()
-        weights = self.value_weights.split(list(self.mech.sizes)) if self.balanced else None
-        d_cls = _ce(real_cls, v, weights)
+        d_cls = _ce(real_cls, v, self.head_weights)
         frozen = {k: t.detach() for k, t in self.aux.named_parameters()}
         frozen.update(dict(self.aux.named_buffers()))
         g_adv_map, g_cls_logits = torch.func.functional_call(self.aux, frozen, (edited_seen,))

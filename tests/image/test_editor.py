@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from cfedit import load_graph
 from cfedit.image import MaskedEditor, mechanism_from_config
 from cfedit.image.losses import AttributeDiscriminator
 from cfedit.image.masked_training import train_masked_editor
@@ -295,13 +296,78 @@ def test_a_gated_editor_trains_its_maps_from_the_data_and_warm_starts_from_an_un
     assert torch.allclose(gated.regions, focus_regions(attribute_regions(ds, [2, 2]), 0.5))
 
 
-def test_value_weights_weigh_a_value_by_its_rarity_up_to_the_cap():
-    from cfedit.image.masked_training import BALANCE_CAP, value_weights
+def test_an_editor_trains_with_its_heads_balanced_within_strata(monkeypatch):
+    import cfedit.image.masked_training as mt
+
+    seen = []
+    real = mt.head_weights
+    monkeypatch.setattr(mt, "MIN_STRATUM", 1)
+    monkeypatch.setattr(mt, "head_weights", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    ds = Squares(64, seed=4)
+    editor, metrics = train_masked_editor(ds, ds.graph, epochs=1, seed=1, cls_strata=True, **TINY)
+    assert seen[0].strata == [(), (0,)]  # big is balanced within color, its parent
+    assert seen[0].table(1).shape == (2, 2) and bool((seen[0].table(1) > 0).all())
+    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
+
+
+def test_head_weights_weigh_a_value_by_its_rarity_up_to_the_cap():
+    from cfedit.image.masked_training import BALANCE_CAP, head_weights
 
     # a: 3 of 4 photos have 0; b: value 2 never occurs, value 1 once in 4
-    w = value_weights(Corners([[0, 0], [0, 0], [0, 1], [1, 0]]), [2, 3])
-    assert torch.allclose(w[0], torch.tensor([1 / (2 * 0.75), 1 / (2 * 0.25)]))
-    assert torch.allclose(w[1], torch.tensor([1 / (3 * 0.75), 1 / (3 * 0.25), BALANCE_CAP]))
+    w = head_weights(Corners([[0, 0], [0, 0], [0, 1], [1, 0]]), [2, 3])
+    assert torch.allclose(w.table(0), torch.tensor([[1 / (2 * 0.75), 1 / (2 * 0.25)]]))
+    assert torch.allclose(w.table(1), torch.tensor([[1 / (2 * 0.75), 1 / (2 * 0.25), BALANCE_CAP]]))
+
+
+def test_head_weights_balance_each_value_within_its_strata_and_drop_a_stratum_too_rare_to_balance():
+    from cfedit.image.masked_training import BALANCE_CAP, MIN_STRATUM, head_weights
+
+    assert MIN_STRATUM == 50
+    rows = [[0, 0]] * 100 + [[0, 1]] * 100 + [[1, 0]] * 60 + [[1, 1]] * 10
+    w = head_weights(Corners(rows), [2, 3], strata=[(1,), (0,)])
+    # b within a: a = 0 holds 100 and 100 (b = 2 is in no photo: the cap); a = 1 has only 10 of b = 1
+    assert torch.allclose(w.table(1), torch.tensor([[1.0, 1.0, BALANCE_CAP], [0.0, 0.0, 0.0]]))
+    # a within b: b = 0 holds 100 and 60 of a; b = 1 has 10 of a = 1, b = 2 no photo at all
+    assert torch.allclose(w.table(0), torch.tensor([[160 / 200, 160 / 120], [0.0, 0.0], [0.0, 0.0]]))
+    # every kept stratum keeps its photos' total weight
+    v = torch.tensor(rows)
+    kept = v[:, 1] == 0
+    assert torch.isclose(w(0, v)[kept].sum(), torch.tensor(160.0))
+    assert torch.isclose(w(1, v)[v[:, 0] == 0].sum(), torch.tensor(200.0))
+    # a factor whose every stratum is too rare falls back to one stratum of all photos
+    few = head_weights(Corners([[0, 0], [0, 1], [1, 0], [1, 1]]), [2, 3], strata=[(1,), (0,)])
+    assert torch.allclose(few.table(0), torch.ones(3, 2))
+    assert torch.allclose(few(0, torch.tensor([[1, 2]])), torch.tensor([1.0]))
+
+
+def test_the_weighted_attribute_loss_is_the_class_weighted_cross_entropy_without_strata():
+    from torch.nn import functional as F
+
+    from cfedit.image.losses import HeadWeights, _ce
+
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(8, 2, generator=g), torch.randn(8, 3, generator=g)]
+    v = torch.stack([torch.randint(0, 2, (8,), generator=g), torch.randint(0, 3, (8,), generator=g)], 1)
+    tables = [torch.tensor([[0.5, 2.0]]), torch.tensor([[1.0, 3.0, 0.25]])]
+    weights = HeadWeights([2, 3], [(), ()], tables)
+    expected = sum(F.cross_entropy(lg, v[:, j], weight=tables[j][0]) for j, lg in enumerate(logits))
+    assert torch.isclose(_ce(logits, v, weights), expected)
+    # a batch in which no photo counts for a factor adds nothing for it
+    none = HeadWeights([2, 3], [(1,), ()], [torch.zeros(3, 2), tables[1]])
+    assert torch.isclose(_ce(logits, v, none), F.cross_entropy(logits[1], v[:, 1], weight=tables[1][0]))
+    with pytest.raises(ValueError, match="does not fit its strata"):
+        HeadWeights([2, 3], [(1,), ()], [torch.zeros(2, 2), tables[1]])
+
+
+def test_attribute_heads_are_balanced_within_parents_and_confounded_factors():
+    from cfedit.image.masked_training import balance_strata
+
+    g = load_graph("celeba")
+    strata = dict(zip(g.names, balance_strata(g)))
+    named = {n: {g.names[i] for i in s} for n, s in strata.items()}
+    assert named["gray_hair"] == {"age", "gender"}
+    assert named["eyeglasses"] == {"gender", "age"} and named["smiling"] == {"gender", "age"}
+    assert named["age"] == {"gender", "eyeglasses", "smiling"} and named["beard"] == {"gender"}
 
 
 def test_the_mask_costs_less_inside_the_changed_factors_regions():
