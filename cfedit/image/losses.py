@@ -119,6 +119,15 @@ class AttributeDiscriminator(nn.Module):
         return self.adv(h).flatten(1), list(logits)
 
 
+def stratum_index(v: torch.Tensor, strata, sizes) -> torch.Tensor:
+    """Each row's stratum: the joint value of the factors ``strata`` (axis indices) of ``v`` [n, k],
+    as one index in row-major order over their ``sizes`` (0 for every row without strata)."""
+    cell = torch.zeros(len(v), dtype=torch.long, device=v.device)
+    for i in strata:
+        cell = cell * int(sizes[i]) + v[:, i].long()
+    return cell
+
+
 class HeadWeights(nn.Module):
     """How much each real photo counts in each factor's attribute loss: per factor j, a table
     [cells, size_j] read at the photo's stratum (the joint value of ``strata[j]``, other factors) and
@@ -139,10 +148,7 @@ class HeadWeights(nn.Module):
 
     def forward(self, j: int, v: torch.Tensor) -> torch.Tensor:
         """The weight of each photo of a batch (factors ``v``, [n, k]) in factor j's loss, [n]."""
-        cell = torch.zeros(len(v), dtype=torch.long, device=v.device)
-        for i in self.strata[j]:
-            cell = cell * self.sizes[i] + v[:, i]
-        return self.table(j)[cell, v[:, j]]
+        return self.table(j)[stratum_index(v, self.strata[j], self.sizes), v[:, j]]
 
 
 def _ce(logits: list[torch.Tensor], v: torch.Tensor, weights: HeadWeights | None = None) -> torch.Tensor:

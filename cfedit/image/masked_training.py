@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from cfedit.image.augment import shift_by
 from cfedit.image.editor import MaskedEditor
-from cfedit.image.losses import AttributeDiscriminator, HeadWeights, MaskedGANLoss
+from cfedit.image.losses import AttributeDiscriminator, HeadWeights, MaskedGANLoss, stratum_index
 from cfedit.image.train import _batches, _fit, _init, _options
 
 # swap_p: chance each factor is resampled for a step's target; cls_g / cls_d: weights of the attribute
@@ -153,15 +153,11 @@ def head_weights(dataset, sizes, strata=None) -> HeadWeights:
     strata = [tuple(s) for s in strata] if strata is not None else [()] * len(sizes)
     cells = [int(np.prod([sizes[i] for i in s])) for s in strata]
     counts = [torch.zeros(c * z, dtype=torch.float64) for c, z in zip(cells, sizes)]
-    plain = [torch.zeros(z, dtype=torch.float64) for z in sizes]
     for _, factors in _batches(dataset, torch.arange(len(dataset)), CHUNK, "cpu"):
         factors = factors.long()
         for j, size in enumerate(sizes):
-            cell = torch.zeros(len(factors), dtype=torch.long)
-            for i in strata[j]:
-                cell = cell * sizes[i] + factors[:, i]
+            cell = stratum_index(factors, strata[j], sizes)
             counts[j] += torch.bincount(cell * size + factors[:, j], minlength=cells[j] * size).to(torch.float64)
-            plain[j] += torch.bincount(factors[:, j], minlength=size)[:size].to(torch.float64)
 
     def balanced(count, seen):  # [cells, size] -> weights, over the values seen in the data
         share = count / count.sum(1, keepdim=True).clamp_min(1)
@@ -169,12 +165,14 @@ def head_weights(dataset, sizes, strata=None) -> HeadWeights:
 
     tables = []
     for j, size in enumerate(sizes):
-        count, seen = counts[j].reshape(cells[j], size), plain[j] > 0
+        count = counts[j].reshape(cells[j], size)
+        overall = count.sum(0, keepdim=True)  # all photos, one stratum
+        seen = overall[0] > 0
         table = balanced(count, seen)
         if strata[j]:
             kept = (count[:, seen] >= MIN_STRATUM).all(1)
             if not bool(kept.any()):
-                table = balanced(plain[j][None], seen).expand(cells[j], size)
+                table = balanced(overall, seen).expand(cells[j], size)
             else:
                 table = table * kept[:, None]
         tables.append(table.float())
