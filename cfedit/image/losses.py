@@ -97,9 +97,14 @@ class CVAELoss(nn.Module):
 
 
 class AttributeDiscriminator(nn.Module):
-    """Real or edited per patch, plus one attribute head per factor; spectrally normalised convs."""
+    """Real or edited per patch, plus one attribute head per factor; spectrally normalised convs.
 
-    def __init__(self, channels: int, size: int, sizes, width: int = 32):
+    With ``project`` the realism of each patch is conditional on the factors the photo is said to
+    have (a projection discriminator, Miyato & Koyama 2018): its score adds the inner product of the
+    patch's features with one learnt embedding per factor value, so a photo is judged as a real photo
+    *with those factors* (an edit to eyeglasses against real photos of glasses), not as any photo."""
+
+    def __init__(self, channels: int, size: int, sizes, width: int = 32, project: bool = False):
         super().__init__()
         sn = nn.utils.spectral_norm
         n, base = down_plan(size, max_down=4)
@@ -112,11 +117,23 @@ class AttributeDiscriminator(nn.Module):
         self.adv = sn(nn.Conv2d(c, 1, 3, 1, 1))
         self.sizes = [int(s) for s in sizes]
         self.cls = nn.Linear(c * base * base, sum(self.sizes))
+        self.project = bool(project)
+        if self.project:
+            self.embed = sn(nn.Embedding(sum(self.sizes), c))
+            self.register_buffer("offsets", torch.tensor([0] + self.sizes[:-1]).cumsum(0), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, v: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(realism per patch [n, patches], attribute logits per factor) of photos ``x``; ``v`` [n, k]:
+        the factors each photo is judged as having (needed, and only read, with ``project``)."""
         h = self.body(x * 2 - 1)
         logits = self.cls(h.flatten(1)).split(self.sizes, 1)
-        return self.adv(h).flatten(1), list(logits)
+        adv = self.adv(h)
+        if self.project:
+            if v is None:
+                raise ValueError("a projection discriminator needs the factors each photo is judged as having")
+            e = self.embed(v.long() + self.offsets).sum(1)  # [n, c]
+            adv = adv + (e[:, :, None, None] * h).sum(1, keepdim=True)
+        return adv.flatten(1), list(logits)
 
 
 def stratum_index(v: torch.Tensor, strata, sizes) -> torch.Tensor:
@@ -200,14 +217,14 @@ class MaskedGANLoss(nn.Module):
         seen = seen or (lambda t, i: t)
         edited, m = self.mech(x, v, v_new)
         back, m2 = self.mech(edited, v_new, v)
-        real_adv, real_cls = self.aux(seen(x, 0))
+        real_adv, real_cls = self.aux(seen(x, 0), v)
         edited_seen = seen(edited, 1)
-        fake_adv, _ = self.aux(edited_seen.detach())
+        fake_adv, _ = self.aux(edited_seen.detach(), v_new)
         d_adv = F.relu(1 - real_adv).mean() + F.relu(1 + fake_adv).mean()
         d_cls = _ce(real_cls, v, self.head_weights)
         frozen = {k: t.detach() for k, t in self.aux.named_parameters()}
         frozen.update(dict(self.aux.named_buffers()))
-        g_adv_map, g_cls_logits = torch.func.functional_call(self.aux, frozen, (edited_seen,))
+        g_adv_map, g_cls_logits = torch.func.functional_call(self.aux, frozen, (edited_seen, v_new))
         g_adv = -g_adv_map.mean()
         g_cls = _ce(g_cls_logits, v_new)
         cycle = (back - x).abs().mean()

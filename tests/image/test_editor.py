@@ -388,3 +388,32 @@ def test_the_mask_costs_less_inside_the_changed_factors_regions():
     assert (price[1, 0, :4, :4] == 1.0).all() and (price[1, 0, 4:, 4:] == 5.0).all()
     assert (price[2, 0, :4, :4] == 1.0).all() and (price[2, 0, -4:, -4:] == 3.0).all()  # the union
     assert MaskedGANLoss(e, AttributeDiscriminator(1, 16, [2, 3], width=8), MASKED_DEFAULTS).mask_price(v, v_new) == 1.0
+
+
+def test_a_projection_discriminator_judges_realism_given_the_factors_and_an_editor_trains_against_it():
+    torch.manual_seed(0)
+    plain = AttributeDiscriminator(3, 32, [2, 3], width=8)
+    projected = AttributeDiscriminator(3, 32, [2, 3], width=8, project=True)
+    x = torch.rand(4, 3, 32, 32)
+    a, b = torch.tensor([[0, 1]] * 4), torch.tensor([[0, 2]] * 4)
+    with torch.no_grad():
+        for _ in range(20):  # let the spectral norms' power iterations settle, then read in eval mode
+            plain(x, a), projected(x, a)
+    plain.eval(), projected.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x, a)[0], plain(x, b)[0])  # without projection the factors are not read
+        same, other = projected(x, a)[0], projected(x, b)[0]
+        assert same.shape == (4, 16) and not torch.allclose(same, other)
+        # the projection adds <embed(a0) + embed(a1), h> to the plain patch score: linear in the embeddings
+        h = projected.body(x * 2 - 1)
+        e = projected.embed.weight  # spectrally normalised, as the forward reads it in eval mode
+        diff = ((e[2 + 1] - e[2 + 2])[None, :, None, None] * h).sum(1).flatten(1)
+        assert torch.allclose(same - other, diff, atol=1e-5)
+        assert torch.allclose(projected(x, a)[1][1], projected(x, b)[1][1])  # attribute heads do not read v
+    with pytest.raises(ValueError, match="factors"):
+        projected(x)
+    ds = Squares(64, seed=4)
+    editor, metrics = train_masked_editor(ds, ds.graph, epochs=1, seed=1, d_project=True, **TINY)
+    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    again, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=1, d_project=True, **TINY)
+    assert all(torch.equal(p, q) for p, q in zip(editor.state_dict().values(), again.state_dict().values()))
