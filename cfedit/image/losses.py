@@ -102,38 +102,61 @@ class AttributeDiscriminator(nn.Module):
     With ``project`` the realism of each patch is conditional on the factors the photo is said to
     have (a projection discriminator, Miyato & Koyama 2018): its score adds the inner product of the
     patch's features with one learnt embedding per factor value, so a photo is judged as a real photo
-    *with those factors* (an edit to eyeglasses against real photos of glasses), not as any photo."""
+    *with those factors* (an edit to eyeglasses against real photos of glasses), not as any photo.
+    With ``local`` a second realism head reads the features one halving earlier (8x8 patches at 64 px,
+    each seeing about a quarter of the face), so textures are judged where they are: a smudge or a
+    blotch on one cheek, not only the face's layout (a multi-scale discriminator)."""
 
-    def __init__(self, channels: int, size: int, sizes, width: int = 32, project: bool = False):
+    def __init__(self, channels: int, size: int, sizes, width: int = 32, project: bool = False,
+                 local: bool = False):
         super().__init__()
         sn = nn.utils.spectral_norm
         n, base = down_plan(size, max_down=4)
-        layers, c = [], channels
+        layers, c, widths = [], channels, []
         for i in range(n):
             w = width * 2 ** min(i, 3)
             layers += [sn(nn.Conv2d(c, w, 4, 2, 1)), nn.LeakyReLU(0.2)]
             c = w
+            widths.append(w)
         self.body = nn.Sequential(*layers)
-        self.adv = sn(nn.Conv2d(c, 1, 3, 1, 1))
         self.sizes = [int(s) for s in sizes]
         self.cls = nn.Linear(c * base * base, sum(self.sizes))
-        self.project = bool(project)
+        self.project, self.local = bool(project), bool(local) and n >= 2
+        # the realism heads: the last features, and with local those one halving earlier
+        self.read_at = [2 * n - 1] + ([2 * n - 3] if self.local else [])  # indices into body
+        read_widths = [widths[-1]] + ([widths[-2]] if self.local else [])
+        self.adv = sn(nn.Conv2d(c, 1, 3, 1, 1))
+        if self.local:
+            self.adv_local = sn(nn.Conv2d(read_widths[1], 1, 3, 1, 1))
         if self.project:
-            self.embed = sn(nn.Embedding(sum(self.sizes), c))
+            self.embed = sn(nn.Embedding(sum(self.sizes), read_widths[0]))
+            if self.local:
+                self.embed_local = sn(nn.Embedding(sum(self.sizes), read_widths[1]))
             self.register_buffer("offsets", torch.tensor([0] + self.sizes[:-1]).cumsum(0), persistent=False)
 
-    def forward(self, x: torch.Tensor, v: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(realism per patch [n, patches], attribute logits per factor) of photos ``x``; ``v`` [n, k]:
-        the factors each photo is judged as having (needed, and only read, with ``project``)."""
-        h = self.body(x * 2 - 1)
+    def forward(self, x: torch.Tensor, v: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(realism per patch, one [n, patches] map per head, the whole-face head first; attribute
+        logits per factor) of photos ``x``; ``v`` [n, k]: the factors each photo is judged as having
+        (needed, and only read, with ``project``)."""
+        if self.project and v is None:
+            raise ValueError("a projection discriminator needs the factors each photo is judged as having")
+        h, feats = x * 2 - 1, {}
+        for i, layer in enumerate(self.body):
+            h = layer(h)
+            if i in self.read_at:
+                feats[i] = h
         logits = self.cls(h.flatten(1)).split(self.sizes, 1)
-        adv = self.adv(h)
-        if self.project:
-            if v is None:
-                raise ValueError("a projection discriminator needs the factors each photo is judged as having")
-            e = self.embed(v.long() + self.offsets).sum(1)  # [n, c]
-            adv = adv + (e[:, :, None, None] * h).sum(1, keepdim=True)
-        return adv.flatten(1), list(logits)
+        heads = [(self.adv, getattr(self, "embed", None))]
+        if self.local:
+            heads.append((self.adv_local, getattr(self, "embed_local", None)))
+        maps = []
+        for i, (head, embed) in zip(self.read_at, heads):
+            a = head(feats[i])
+            if self.project:
+                e = embed(v.long() + self.offsets).sum(1)  # [n, c]
+                a = a + (e[:, :, None, None] * feats[i]).sum(1, keepdim=True)
+            maps.append(a.flatten(1))
+        return maps, list(logits)
 
 
 def stratum_index(v: torch.Tensor, strata, sizes) -> torch.Tensor:
@@ -220,12 +243,12 @@ class MaskedGANLoss(nn.Module):
         real_adv, real_cls = self.aux(seen(x, 0), v)
         edited_seen = seen(edited, 1)
         fake_adv, _ = self.aux(edited_seen.detach(), v_new)
-        d_adv = F.relu(1 - real_adv).mean() + F.relu(1 + fake_adv).mean()
+        d_adv = sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(real_adv, fake_adv))
         d_cls = _ce(real_cls, v, self.head_weights)
         frozen = {k: t.detach() for k, t in self.aux.named_parameters()}
         frozen.update(dict(self.aux.named_buffers()))
         g_adv_map, g_cls_logits = torch.func.functional_call(self.aux, frozen, (edited_seen, v_new))
-        g_adv = -g_adv_map.mean()
+        g_adv = -sum(a.mean() for a in g_adv_map)
         g_cls = _ce(g_cls_logits, v_new)
         cycle = (back - x).abs().mean()
         price = self.mask_price(v, v_new)

@@ -55,12 +55,13 @@ from cfedit.image.train import _batches, _fit, _init, _options
 # it keeps gender through aging but draws worse age and glasses edits); gate: the editor's gate (see
 # MaskedEditor: a pixel opens fully where a changed factor's region map reaches it; 0: no gate);
 # d_project: the discriminator's realism is conditional on the factors (a projection discriminator:
-# an edit is judged against real photos with its target factors; see AttributeDiscriminator).
+# an edit is judged against real photos with its target factors; see AttributeDiscriminator);
+# d_local: a second realism head on smaller patches (8x8 at 64 px), so local textures are judged.
 MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "width": 24,
                    "blocks": 2, "head_width": 8, "colour_pool": 2, "delta_bound": 3.0, "colour": "luma",
                    "swap_p": 0.3, "cls_g": 1.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1, "smooth": 0.5,
                    "d_width": 32, "d_shift": 2, "d_warmup": 300, "region": 6.0, "cls_balance": True, "cls_strata": False, "gate": 0.5,
-                   "d_project": False,
+                   "d_project": False, "d_local": False,
                    "save_every": 300}
 
 DIFFUSE_AREA = 0.35  # a factor whose map opens more of the picture than this is diffuse (see focus_regions)
@@ -203,7 +204,7 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7)
         disc = AttributeDiscriminator(editor.channels, editor.size, editor.sizes, width=int(opts["d_width"]),
-                                      project=bool(opts["d_project"]))
+                                      project=bool(opts["d_project"]), local=bool(opts["d_local"]))
     if state is not None and "aux" in state:
         disc.load_state_dict(state["aux"])
     regions = (focus_regions(attribute_regions(dataset, editor.sizes), float(opts["gate"]))

@@ -79,7 +79,19 @@ def test_the_editor_round_trips_its_config_and_refuses_bad_input():
 def test_the_discriminator_reads_realism_per_patch_and_every_factor():
     d = AttributeDiscriminator(3, 64, [2, 3, 2], width=8)
     adv, cls = d(torch.rand(5, 3, 64, 64))
-    assert adv.shape == (5, 16) and [c.shape for c in cls] == [(5, 2), (5, 3), (5, 2)]
+    assert [a.shape for a in adv] == [(5, 16)] and [c.shape for c in cls] == [(5, 2), (5, 3), (5, 2)]
+    torch.manual_seed(0)
+    both = AttributeDiscriminator(3, 64, [2, 3, 2], width=8, local=True, project=True)
+    x, v = torch.rand(5, 3, 64, 64), torch.tensor([[0, 2, 1]] * 5)
+    adv, _ = both(x, v)
+    assert [a.shape for a in adv] == [(5, 16), (5, 64)]  # the whole face in 4x4 patches, and 8x8 smaller ones
+    # a local patch reads only its neighbourhood: a change in one corner leaves the far corner's score
+    y = x.clone()
+    y[:, :, :8, :8] = 1 - y[:, :, :8, :8]
+    both.eval()
+    with torch.no_grad():
+        near, far = both(x, v)[0][1].reshape(5, 8, 8), both(y, v)[0][1].reshape(5, 8, 8)
+    assert not torch.allclose(near[:, 0, 0], far[:, 0, 0]) and torch.allclose(near[:, 7, 7], far[:, 7, 7])
 
 
 def test_training_resumes_exactly_from_inside_an_epoch():
@@ -401,8 +413,8 @@ def test_a_projection_discriminator_judges_realism_given_the_factors_and_an_edit
             plain(x, a), projected(x, a)
     plain.eval(), projected.eval()
     with torch.no_grad():
-        assert torch.equal(plain(x, a)[0], plain(x, b)[0])  # without projection the factors are not read
-        same, other = projected(x, a)[0], projected(x, b)[0]
+        assert torch.equal(plain(x, a)[0][0], plain(x, b)[0][0])  # without projection the factors are not read
+        (same,), (other,) = projected(x, a)[0], projected(x, b)[0]
         assert same.shape == (4, 16) and not torch.allclose(same, other)
         # the projection adds <embed(a0) + embed(a1), h> to the plain patch score: linear in the embeddings
         h = projected.body(x * 2 - 1)
@@ -413,7 +425,7 @@ def test_a_projection_discriminator_judges_realism_given_the_factors_and_an_edit
     with pytest.raises(ValueError, match="factors"):
         projected(x)
     ds = Squares(64, seed=4)
-    editor, metrics = train_masked_editor(ds, ds.graph, epochs=1, seed=1, d_project=True, **TINY)
+    editor, metrics = train_masked_editor(ds, ds.graph, epochs=1, seed=1, d_project=True, d_local=True, **TINY)
     assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
-    again, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=1, d_project=True, **TINY)
+    again, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=1, d_project=True, d_local=True, **TINY)
     assert all(torch.equal(p, q) for p, q in zip(editor.state_dict().values(), again.state_dict().values()))
