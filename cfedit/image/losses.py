@@ -223,6 +223,12 @@ class MaskedGANLoss(nn.Module):
         self.region = float(opts.get("region", 0.0)) if regions is not None else 0.0
         self.register_buffer("regions", regions if regions is not None else torch.zeros(0), persistent=False)
         self.head_weights = head_weights
+        # what the sparsity term prices: "mask" (the mask, so a faint change over a wide area costs as
+        # much as a strong one there, and the cheapest edit is a small saturated patch) or "change"
+        # (|edit - photo| per pixel: a change costs what it changes, however the mask and colour share it)
+        if opts.get("sparsity", "mask") not in ("mask", "change"):
+            raise ValueError(f"sparsity must be 'mask' or 'change', got {opts.get('sparsity')!r}")
+        self.sparse_change = opts.get("sparsity", "mask") == "change"
         self.g_on = 1.0  # 0 while only the discriminator learns (d_warmup)
 
     def mask_price(self, v: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor | float:
@@ -252,7 +258,11 @@ class MaskedGANLoss(nn.Module):
         g_cls = _ce(g_cls_logits, v_new)
         cycle = (back - x).abs().mean()
         price = self.mask_price(v, v_new)
-        mask = 0.5 * ((price * m).mean() + (price * m2).mean())
+        if self.sparse_change:  # the change itself, per pixel (mean over channels), instead of the mask
+            m_cost, m2_cost = (edited - x).abs().mean(1, keepdim=True), (back - edited).abs().mean(1, keepdim=True)
+        else:
+            m_cost, m2_cost = m, m2
+        mask = 0.5 * ((price * m_cost).mean() + (price * m2_cost).mean())
         smooth = 0.5 * (_tv(m) + _tv(m2))
         g_loss = g_adv + w["cls_g"] * g_cls + w["cycle"] * cycle + w["mask"] * mask + w["smooth"] * smooth
         loss = d_adv + w["cls_d"] * d_cls + self.g_on * g_loss

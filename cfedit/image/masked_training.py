@@ -56,12 +56,13 @@ from cfedit.image.train import _batches, _fit, _init, _options
 # MaskedEditor: a pixel opens fully where a changed factor's region map reaches it; 0: no gate);
 # d_project: the discriminator's realism is conditional on the factors (a projection discriminator:
 # an edit is judged against real photos with its target factors; see AttributeDiscriminator);
-# d_local: a second realism head on smaller patches (8x8 at 64 px), so local textures are judged.
+# d_local: a second realism head on smaller patches (8x8 at 64 px), so local textures are judged;
+# sparsity: what the mask term prices, "mask" (the mask) or "change" (|edit - photo|; see MaskedGANLoss).
 MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "width": 24,
                    "blocks": 2, "head_width": 8, "colour_pool": 2, "delta_bound": 3.0, "colour": "luma",
                    "swap_p": 0.3, "cls_g": 1.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1, "smooth": 0.5,
                    "d_width": 32, "d_shift": 2, "d_warmup": 300, "region": 6.0, "cls_balance": True, "cls_strata": False, "gate": 0.5,
-                   "d_project": False, "d_local": False,
+                   "d_project": False, "d_local": False, "sparsity": "mask",
                    "save_every": 300}
 
 DIFFUSE_AREA = 0.35  # a factor whose map opens more of the picture than this is diffuse (see focus_regions)

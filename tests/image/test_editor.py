@@ -402,6 +402,32 @@ def test_the_mask_costs_less_inside_the_changed_factors_regions():
     assert MaskedGANLoss(e, AttributeDiscriminator(1, 16, [2, 3], width=8), MASKED_DEFAULTS).mask_price(v, v_new) == 1.0
 
 
+def test_the_sparsity_term_prices_the_mask_or_the_change_itself():
+    from cfedit.image.losses import MaskedGANLoss
+    from cfedit.image.masked_training import MASKED_DEFAULTS
+
+    torch.manual_seed(0)
+    e = MaskedEditor(["a", "b"], [2, 3], channels=3, size=16, width=8, blocks=1, colour="luma")
+    with torch.no_grad():
+        e.head.bias[-1] = 0.0  # a mask of about 0.5, so the mask and the change differ by far
+    regions = torch.rand(2, 16, 16)
+    x, v, v_new = torch.rand(4, 3, 16, 16), torch.tensor([[0, 0]] * 4), torch.tensor([[1, 0], [0, 2], [1, 1], [0, 0]])
+    terms = {}
+    for sparsity in ("mask", "change"):
+        loss = MaskedGANLoss(e, AttributeDiscriminator(3, 16, [2, 3], width=8),
+                             {**MASKED_DEFAULTS, "sparsity": sparsity}, regions=regions)
+        terms[sparsity] = loss(x, v, v_new)["mask"]
+        price = loss.mask_price(v, v_new)
+    edited, m = e(x, v, v_new)
+    back, m2 = e(edited, v_new, v)
+    cost = {"mask": (m, m2), "change": ((edited - x).abs().mean(1, keepdim=True), (back - edited).abs().mean(1, keepdim=True))}
+    for sparsity, (c1, c2) in cost.items():
+        assert torch.allclose(terms[sparsity], 0.5 * ((price * c1).mean() + (price * c2).mean()))
+    assert terms["change"] < terms["mask"]  # |edit - photo| <= mask * |colour - photo| <= mask
+    with pytest.raises(ValueError, match="sparsity"):
+        MaskedGANLoss(e, AttributeDiscriminator(3, 16, [2, 3], width=8), {**MASKED_DEFAULTS, "sparsity": "l2"})
+
+
 def test_a_projection_discriminator_judges_realism_given_the_factors_and_an_editor_trains_against_it():
     torch.manual_seed(0)
     plain = AttributeDiscriminator(3, 32, [2, 3], width=8)
