@@ -102,19 +102,23 @@ def mechanism_defaults(kind: str) -> dict:
 
 
 def resolve_options(graph: CausalGraph, options: FitOptions | None = None) -> FitOptions:
-    """``options`` completed from the graph file's ``fit:`` recipe (explicit options win); the recipe,
-    with the mechanism the options choose, passes the ``fit:`` schema (:mod:`cfedit.causal.recipes`)."""
+    """``options`` completed from the graph file's ``fit:`` recipe (explicit options win); the recipe
+    passes the ``fit:`` schema of its own mechanism (:mod:`cfedit.causal.recipes`), and its mechanism
+    options apply only when the options choose that mechanism."""
     from dataclasses import replace
 
     o = options or FitOptions()
     recipe = dict(graph.fit)
     if o.mechanism is not None and o.mechanism not in MECHANISMS:
         raise GraphError(f"unknown image mechanism {o.mechanism!r} (known: {', '.join(MECHANISMS)})")
-    kind = o.mechanism or str(recipe.get("mechanism", "cvae"))
-    problem = recipe_problem("fit", {**recipe, "mechanism": kind})
+    recipe_kind = str(recipe.get("mechanism", "cvae"))
+    kind = o.mechanism or recipe_kind
+    problem = recipe_problem("fit", {**recipe, "mechanism": recipe_kind})
     if problem:
         raise GraphError(f"{graph.source or graph.name}: {problem[0]}")
-    mech = {k: v for k, v in recipe.items() if k not in FIT_OPTIONS}
+    # the recipe's training options are its own mechanism's: another mechanism chosen explicitly
+    # keeps only the recipe's common ones (epochs, labeller_epochs, residual)
+    mech = {k: v for k, v in recipe.items() if k not in FIT_OPTIONS} if kind == recipe_kind else {}
     mech.update(o.mechanism_options)
     residual = o.residual if o.residual is not None else bool(recipe.get("residual", False))
     labeller_epochs = o.labeller_epochs if o.labeller_epochs is not None else recipe.get("labeller_epochs")

@@ -149,6 +149,8 @@ def test_fit_recipe_of_the_graph_file_and_its_overrides():
     # explicit options win over the recipe
     o = resolve_options(g, FitOptions(epochs=2, mechanism="cvae", residual=True, mechanism_options={"latent": 8}))
     assert (o.epochs, o.mechanism, o.residual, o.mechanism_options["latent"]) == (2, "cvae", True, 8)
+    assert o.mechanism_options == {"latent": 8}  # the recipe's masked-editor options are not the cvae's
+    assert resolve_options(g).mechanism_options["d_project"] is True
     o = resolve_options(load_graph("backdoor"))
     assert o.mechanism_options == {} and o.mechanism == "cvae"
     bad = replace(g, fit={"epochs": 3, "latnet": 4})
