@@ -226,9 +226,10 @@ class MaskedGANLoss(nn.Module):
         # what the sparsity term prices: "mask" (the mask, so a faint change over a wide area costs as
         # much as a strong one there, and the cheapest edit is a small saturated patch) or "change"
         # (|edit - photo| per pixel: a change costs what it changes, however the mask and colour share it)
-        if opts.get("sparsity", "mask") not in ("mask", "change"):
-            raise ValueError(f"sparsity must be 'mask' or 'change', got {opts.get('sparsity')!r}")
-        self.sparse_change = opts.get("sparsity", "mask") == "change"
+        sparsity = opts.get("sparsity", "mask")
+        if sparsity not in ("mask", "change"):
+            raise ValueError(f"sparsity must be 'mask' or 'change', got {sparsity!r}")
+        self.sparse_change = sparsity == "change"
         self.g_on = 1.0  # 0 while only the discriminator learns (d_warmup)
 
     def mask_price(self, v: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor | float:
