@@ -221,10 +221,11 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
 
     mech_progress = dict(progress=lambda s, n, m: report("mechanism", s, n, m), state=state.get("mechanism"),
                          on_epoch=checkpoint_stage("mechanism"))
-    if o.mechanism == "masked":  # trains against its own discriminator; the labeller only reads inputs
+    if o.mechanism == "masked":  # trains against its own discriminator (and the labeller, with keep > 0)
         init = start.mechanism.state_dict() if start is not None else None
         mech, mech_metrics = train_masked_editor(train, graph, epochs=o.epochs, device=device, seed=o.seed + 1,
-                                                 init=init, **mech_progress, **o.mechanism_options)
+                                                 init=init, labeller=labeller, **mech_progress,
+                                                 **o.mechanism_options)
     else:
         mech, mech_metrics = train_image_mechanism(train, graph, labeller, epochs=o.epochs, device=device,
                                                    seed=o.seed + 1, **mech_progress, **o.mechanism_options)

@@ -213,13 +213,22 @@ class MaskedGANLoss(nn.Module):
     """One training step's losses as a module (``aux`` is the discriminator, saved in resume state)."""
 
     def __init__(self, editor: MaskedEditor, disc: AttributeDiscriminator, opts: Mapping,
-                 regions: torch.Tensor | None = None, head_weights: HeadWeights | None = None):
+                 regions: torch.Tensor | None = None, head_weights: HeadWeights | None = None,
+                 keeper: Labeller | None = None):
         """``regions`` [k, S, S] in [0, 1]: where each factor lives (a masked pixel outside the changed
         factors' regions costs 1 + opts["region"] times as much); ``head_weights``: how much each real
-        photo counts in the attribute head's loss (None: all 1)."""
+        photo counts in the attribute head's loss (None: all 1); ``keeper``: a frozen labeller whose
+        reading of every factor the target keeps the edit must not move (needed when opts["keep"] > 0)."""
         super().__init__()
         self.mech, self.aux = editor, disc
-        self.w = {k: float(opts[k]) for k in ("cls_g", "cls_d", "cycle", "mask", "smooth")}
+        self.w = {k: float(opts.get(k, 0.0)) for k in ("cls_g", "cls_d", "cycle", "mask", "smooth", "keep")}
+        if self.w["keep"] > 0 and keeper is None:
+            raise ValueError("keep > 0 needs a labeller (the keeper) to read the edits")
+        self.keeper = keeper if self.w["keep"] > 0 else None
+        if self.keeper is not None:
+            if tuple(keeper.sizes) != tuple(editor.sizes) or keeper.channels != editor.channels:
+                raise ValueError("the labeller was trained for another graph (factor domains or channels differ)")
+            self.keeper.eval().requires_grad_(False)
         self.region = float(opts.get("region", 0.0)) if regions is not None else 0.0
         self.register_buffer("regions", regions if regions is not None else torch.zeros(0), persistent=False)
         self.head_weights = head_weights
@@ -231,6 +240,25 @@ class MaskedGANLoss(nn.Module):
             raise ValueError(f"sparsity must be 'mask' or 'change', got {sparsity!r}")
         self.sparse_change = sparsity == "change"
         self.g_on = 1.0  # 0 while only the discriminator learns (d_warmup)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.keeper is not None:
+            self.keeper.eval()  # frozen
+        return self
+
+    def keep_loss(self, x: torch.Tensor, edited: torch.Tensor, v: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+        """Sum over factors of the mean, over the rows whose target keeps that factor, of the KL
+        divergence from the keeper's reading of the photo to its reading of the edit (0 when the edit
+        reads exactly like its photo; factors the target changes are left to the discriminator)."""
+        with torch.no_grad():
+            before = [lg.float().log_softmax(1) for lg in self.keeper(x)]
+        total = edited.new_zeros(())
+        for j, (b, lg) in enumerate(zip(before, self.keeper(edited))):
+            kl = (b.exp() * (b - lg.float().log_softmax(1))).sum(1)
+            same = (v_new[:, j] == v[:, j]).float()
+            total = total + (kl * same).sum() / same.sum().clamp_min(1.0)
+        return total
 
     def mask_price(self, v: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor | float:
         """The price of masking each pixel, [n, 1, S, S] (or 1.0 without regions): 1 inside the
@@ -266,7 +294,11 @@ class MaskedGANLoss(nn.Module):
         mask = 0.5 * ((price * m_cost).mean() + (price * m2_cost).mean())
         smooth = 0.5 * (_tv(m) + _tv(m2))
         g_loss = g_adv + w["cls_g"] * g_cls + w["cycle"] * cycle + w["mask"] * mask + w["smooth"] * smooth
+        out = {}
+        if self.keeper is not None:
+            out["keep"] = self.keep_loss(x, edited, v, v_new)
+            g_loss = g_loss + w["keep"] * out["keep"]
         loss = d_adv + w["cls_d"] * d_cls + self.g_on * g_loss
         changed = (v_new != v).any(1).float().mean()
         return {"loss": loss, "d_adv": d_adv, "d_cls": d_cls, "g_adv": g_adv, "g_cls": g_cls, "cycle": cycle,
-                "mask": mask, "smooth": smooth, "changed": changed}
+                "mask": mask, "smooth": smooth, **out, "changed": changed}

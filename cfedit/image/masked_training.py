@@ -11,6 +11,8 @@ probability ``swap_p``):
     D loss = hinge(D(x) real) + hinge(D(edited) fake) + cls_d * CE(D_cls(x), v)
     G loss = -D(edited) + cls_g * CE(D_cls(edited), v') + cycle * |back - x|
              + mask * mean(W * m, W * m2) + smooth * TV(m, m2)
+             [+ keep * sum_j KL(h(x)_j || h(edited)_j) over the factors j the target keeps, h the
+              fitted labeller, frozen]
 
 W is the mask's price per pixel: 1 + ``region`` * (1 - R), where R is where in the picture the changed
 factors live (:func:`attribute_regions`, from the data): a change is cheap where photos with the two
@@ -28,6 +30,8 @@ weights (so DistributedDataParallel sees one forward). The discriminator never s
 """
 
 from __future__ import annotations
+
+import copy
 
 from collections.abc import Callable, Mapping
 
@@ -57,12 +61,14 @@ from cfedit.image.train import _batches, _fit, _init, _options
 # d_project: the discriminator's realism is conditional on the factors (a projection discriminator:
 # an edit is judged against real photos with its target factors; see AttributeDiscriminator);
 # d_local: a second realism head on smaller patches (8x8 at 64 px), so local textures are judged;
-# sparsity: what the mask term prices, "mask" (the mask) or "change" (|edit - photo|; see MaskedGANLoss).
+# sparsity: what the mask term prices, "mask" (the mask) or "change" (|edit - photo|; see MaskedGANLoss);
+# keep: weight of a term that keeps a second, frozen reader's (the fitted labeller's) reading of every
+# factor the target does not change (0: off; see MaskedGANLoss.keep_loss).
 MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "width": 24,
                    "blocks": 2, "head_width": 8, "colour_pool": 2, "delta_bound": 3.0, "colour": "luma",
                    "swap_p": 0.3, "cls_g": 1.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1, "smooth": 0.5,
                    "d_width": 32, "d_shift": 2, "d_warmup": 300, "region": 6.0, "cls_balance": True, "cls_strata": False, "gate": 0.5,
-                   "d_project": False, "d_local": False, "sparsity": "mask",
+                   "d_project": False, "d_local": False, "sparsity": "mask", "keep": 0.0,
                    "save_every": 300}
 
 DIFFUSE_AREA = 0.35  # a factor whose map opens more of the picture than this is diffuse (see focus_regions)
@@ -187,12 +193,13 @@ def head_weights(dataset, sizes, strata=None) -> HeadWeights:
 def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch.device | str = "cpu",
                         seed: int = 0, progress: Callable | None = None, state: Mapping | None = None,
                         on_epoch: Callable[[dict], None] | None = None, init: Mapping | None = None,
-                        **options) -> tuple[MaskedEditor, dict]:
+                        labeller=None, **options) -> tuple[MaskedEditor, dict]:
     """Train the masked editor on (photo, factors) pairs; returns (editor in eval mode, metrics).
 
     ``options`` override :data:`MASKED_DEFAULTS`. Resumable like the other trainers (``on_epoch``
     also runs every ``save_every`` steps inside an epoch, and ``state`` resumes from there exactly).
     ``init``: a trained editor's state dict to start from (a warm start; same architecture).
+    ``labeller``: the fitted labeller, read (frozen, a copy) by the ``keep`` term; needed when keep > 0.
     """
     opts = {**_options(MASKED_DEFAULTS, options, epochs), "lr_decay": False}
     device = torch.device(device)
@@ -214,7 +221,10 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
         editor.set_regions(regions.to(device))
     weights = (head_weights(dataset, editor.sizes, balance_strata(graph) if opts["cls_strata"] else None)
                if opts["cls_balance"] else None)
-    loss_module = MaskedGANLoss(editor, disc, opts, regions=regions, head_weights=weights).to(device)
+    if float(opts["keep"]) > 0 and labeller is None:
+        raise ValueError("keep > 0 needs the fitted labeller")
+    keeper = copy.deepcopy(labeller) if float(opts["keep"]) > 0 else None
+    loss_module = MaskedGANLoss(editor, disc, opts, regions=regions, head_weights=weights, keeper=keeper).to(device)
     sizes = torch.tensor(editor.sizes)
     steps_done = [int(state["step"]) if state is not None else 0]  # the warm-up follows resumes exactly
 

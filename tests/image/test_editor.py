@@ -455,3 +455,50 @@ def test_a_projection_discriminator_judges_realism_given_the_factors_and_an_edit
     assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
     again, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=1, d_project=True, d_local=True, **TINY)
     assert all(torch.equal(p, q) for p, q in zip(editor.state_dict().values(), again.state_dict().values()))
+
+
+def test_the_keep_term_is_the_keepers_divergence_on_the_factors_the_target_keeps():
+    from cfedit.image.labeller import Labeller
+    from cfedit.image.losses import MaskedGANLoss
+    from cfedit.image.masked_training import MASKED_DEFAULTS
+
+    torch.manual_seed(0)
+    e = MaskedEditor(["a", "b"], [2, 3], channels=3, size=16, width=8, blocks=1)
+    keeper = Labeller(["a", "b"], [2, 3], channels=3, size=16, width=4, hidden=16)
+    loss = MaskedGANLoss(e, AttributeDiscriminator(3, 16, [2, 3], width=8), {**MASKED_DEFAULTS, "keep": 2.0},
+                         keeper=keeper)
+    x = torch.rand(4, 3, 16, 16)
+    v, v_new = torch.tensor([[0, 0]] * 4), torch.tensor([[1, 0], [0, 2], [1, 1], [0, 0]])
+    assert loss.keep_loss(x, x, v, v_new) == 0  # an edit that reads exactly like its photo
+    y = torch.rand(4, 3, 16, 16)
+    p, q = [lg.log_softmax(1) for lg in keeper(x)], [lg.log_softmax(1) for lg in keeper(y)]
+    kl = [(pj.exp() * (pj - qj)).sum(1) for pj, qj in zip(p, q)]
+    # factor a is kept by rows 1 and 3, factor b by rows 0 and 3: a changed factor is not priced
+    by_hand = (kl[0][1] + kl[0][3]) / 2 + (kl[1][0] + kl[1][3]) / 2
+    assert torch.allclose(loss.keep_loss(x, y, v, v_new), by_hand)
+    assert torch.allclose(loss.keep_loss(x, y, v, v), sum(k.mean() for k in kl))
+    out = loss(x, v, v_new)
+    assert "keep" in out and out["keep"] >= 0
+    assert not any(p.requires_grad for p in keeper.parameters())  # frozen: only the editor answers for it
+    with pytest.raises(ValueError, match="labeller"):
+        MaskedGANLoss(e, AttributeDiscriminator(3, 16, [2, 3], width=8), {**MASKED_DEFAULTS, "keep": 1.0})
+    off = MaskedGANLoss(e, AttributeDiscriminator(3, 16, [2, 3], width=8), MASKED_DEFAULTS, keeper=keeper)
+    assert off.keeper is None and "keep" not in off(x, v, v_new)  # keep 0: the labeller is not read
+
+
+def test_an_editor_trains_against_its_keeper_without_moving_it_and_reproducibly():
+    from cfedit.image import train_labeller
+    from tests.image.test_mechanism import TINY_LAB
+
+    ds = Squares(64, seed=4)
+    lab, _ = train_labeller(ds, ds.graph, epochs=1, seed=0, batch_size=32, **TINY_LAB)
+    before = {k: t.clone() for k, t in lab.state_dict().items()}
+    editor, metrics = train_masked_editor(ds, ds.graph, epochs=1, seed=1, keep=1.0, labeller=lab, **TINY)
+    assert np.isfinite(metrics["loss"])
+    assert all(torch.equal(t, lab.state_dict()[k]) for k, t in before.items())  # the keeper is a frozen copy
+    again, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=1, keep=1.0, labeller=lab, **TINY)
+    assert all(torch.equal(p, q) for p, q in zip(editor.state_dict().values(), again.state_dict().values()))
+    plain, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=1, labeller=lab, **TINY)
+    assert not all(torch.equal(p, q) for p, q in zip(editor.state_dict().values(), plain.state_dict().values()))
+    with pytest.raises(ValueError, match="labeller"):
+        train_masked_editor(ds, ds.graph, epochs=1, seed=1, keep=1.0, **TINY)
