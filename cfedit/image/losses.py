@@ -221,7 +221,8 @@ class MaskedGANLoss(nn.Module):
         reading of every factor the target keeps the edit must not move (needed when opts["keep"] > 0)."""
         super().__init__()
         self.mech, self.aux = editor, disc
-        self.w = {k: float(opts.get(k, 0.0)) for k in ("cls_g", "cls_d", "cycle", "mask", "smooth", "keep")}
+        self.w = {k: float(opts[k]) for k in ("cls_g", "cls_d", "cycle", "mask", "smooth")}
+        self.w["keep"] = float(opts.get("keep", 0.0))
         if self.w["keep"] > 0 and keeper is None:
             raise ValueError("keep > 0 needs a labeller (the keeper) to read the edits")
         self.keeper = keeper if self.w["keep"] > 0 else None
