@@ -11,6 +11,7 @@ cost more than the whole mechanism on a CPU.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,3 +90,11 @@ class Labeller(FactorModule):
         outs = self._in_batches(len(images), batch_size, step)
         out = torch.cat(outs) if outs else torch.zeros(0, len(self.sizes), dtype=torch.long, device=dev)
         return like_input(out, images)
+
+
+def frozen_copy(labeller: Labeller, model: FactorModule) -> Labeller:
+    """A frozen copy (eval mode, no gradients) of ``labeller`` to read ``model``'s outputs in training,
+    refused when it was trained for another graph; the caller's labeller is left as it is."""
+    if tuple(labeller.sizes) != tuple(model.sizes) or labeller.channels != model.channels:
+        raise ValueError("the labeller was trained for another graph (factor domains or channels differ)")
+    return copy.deepcopy(labeller).eval().requires_grad_(False)

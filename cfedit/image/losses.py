@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cfedit.image.editor import MaskedEditor, changed_union
-from cfedit.image.labeller import Labeller
+from cfedit.image.labeller import Labeller, frozen_copy
 from cfedit.image.mechanism import ImageMechanism, down_plan
 from cfedit.image.augment import shift_by
 
@@ -217,19 +217,16 @@ class MaskedGANLoss(nn.Module):
                  keeper: Labeller | None = None):
         """``regions`` [k, S, S] in [0, 1]: where each factor lives (a masked pixel outside the changed
         factors' regions costs 1 + opts["region"] times as much); ``head_weights``: how much each real
-        photo counts in the attribute head's loss (None: all 1); ``keeper``: a frozen labeller whose
-        reading of every factor the target keeps the edit must not move (needed when opts["keep"] > 0)."""
+        photo counts in the attribute head's loss (None: all 1); ``keeper``: a labeller whose reading
+        of every factor the target keeps the edit must not move (needed when opts["keep"] > 0; read
+        through a frozen copy)."""
         super().__init__()
         self.mech, self.aux = editor, disc
         self.w = {k: float(opts[k]) for k in ("cls_g", "cls_d", "cycle", "mask", "smooth")}
         self.w["keep"] = float(opts.get("keep", 0.0))
         if self.w["keep"] > 0 and keeper is None:
             raise ValueError("keep > 0 needs a labeller (the keeper) to read the edits")
-        self.keeper = keeper if self.w["keep"] > 0 else None
-        if self.keeper is not None:
-            if tuple(keeper.sizes) != tuple(editor.sizes) or keeper.channels != editor.channels:
-                raise ValueError("the labeller was trained for another graph (factor domains or channels differ)")
-            self.keeper.eval().requires_grad_(False)
+        self.keeper = frozen_copy(keeper, editor) if self.w["keep"] > 0 else None
         self.region = float(opts.get("region", 0.0)) if regions is not None else 0.0
         self.register_buffer("regions", regions if regions is not None else torch.zeros(0), persistent=False)
         self.head_weights = head_weights

@@ -31,8 +31,6 @@ weights (so DistributedDataParallel sees one forward). The discriminator never s
 
 from __future__ import annotations
 
-import copy
-
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -199,7 +197,7 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
     ``options`` override :data:`MASKED_DEFAULTS`. Resumable like the other trainers (``on_epoch``
     also runs every ``save_every`` steps inside an epoch, and ``state`` resumes from there exactly).
     ``init``: a trained editor's state dict to start from (a warm start; same architecture).
-    ``labeller``: the fitted labeller, read (frozen, a copy) by the ``keep`` term; needed when keep > 0.
+    ``labeller``: the fitted labeller, read (a frozen copy) by the ``keep`` term; needed when keep > 0.
     """
     opts = {**_options(MASKED_DEFAULTS, options, epochs), "lr_decay": False}
     device = torch.device(device)
@@ -221,10 +219,7 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
         editor.set_regions(regions.to(device))
     weights = (head_weights(dataset, editor.sizes, balance_strata(graph) if opts["cls_strata"] else None)
                if opts["cls_balance"] else None)
-    if float(opts["keep"]) > 0 and labeller is None:
-        raise ValueError("keep > 0 needs the fitted labeller")
-    keeper = copy.deepcopy(labeller) if float(opts["keep"]) > 0 else None
-    loss_module = MaskedGANLoss(editor, disc, opts, regions=regions, head_weights=weights, keeper=keeper).to(device)
+    loss_module = MaskedGANLoss(editor, disc, opts, regions=regions, head_weights=weights, keeper=labeller).to(device)
     sizes = torch.tensor(editor.sizes)
     steps_done = [int(state["step"]) if state is not None else 0]  # the warm-up follows resumes exactly
 

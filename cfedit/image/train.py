@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cfedit.image.augment import random_shift
-from cfedit.image.labeller import Labeller
+from cfedit.image.labeller import Labeller, frozen_copy
 from cfedit.image.losses import CVAELoss, PatchDiscriminator
 from cfedit.image.mechanism import ImageMechanism, to_float_images
 
@@ -126,10 +126,7 @@ def train_image_mechanism(dataset, graph, labeller: Labeller | None, epochs: int
                                                    hidden=opts["hidden"]), seed, state).to(device)
     use_attr = labeller is not None and opts["attr_weight"] > 0
     if use_attr:
-        labeller = copy.deepcopy(labeller).to(device).eval()
-        labeller.requires_grad_(False)
-        if tuple(labeller.sizes) != tuple(model.sizes) or labeller.channels != model.channels:
-            raise ValueError("the labeller was trained for another graph (factor domains or channels differ)")
+        labeller = frozen_copy(labeller, model).to(device)
     sizes = torch.tensor(model.sizes)
     disc = None
     if opts["adv_weight"] > 0:
