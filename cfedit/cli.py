@@ -432,6 +432,8 @@ def fit(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     seed: int = typer.Option(0, "--seed", min=0, help=SEED_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from <out>.partial."),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue a finished or interrupted fit exactly from its training state (the <out>.state that --keep-state left, or a .partial) to --epochs in all; a warm start's state needs its --init-from again."),
+    keep_state: bool = typer.Option(False, "--keep-state", help="Keep the final training state (optimizer, discriminator, random streams) as <out>.state, so that --resume-from can train it further exactly."),
     residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Edits apply the decoded change to the input (deep-SCM residual abduction): the null edit returns the input exactly. Default: the graph file's fit recipe, else off."),
     mechanism: Optional[Mechanism] = typer.Option(None, "--mechanism", help="Image mechanism: cvae (a conditional VAE) or masked (edits drawn on the photo through an attention mask; faces). Default: the graph file's fit recipe, else cvae."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="A saved model of the same graph to start from: its labeller is kept and its masked editor trains --epochs more (a warm start)."),
@@ -453,6 +455,14 @@ def fit(
     if target.exists() and not force:
         raise UsageFailure(f"{target} exists; pass --force to overwrite it or --out another path")
     check_writable(target, "checkpoint")  # before minutes of training, not at the first save
+    if resume and resume_from is not None:
+        raise UsageFailure("--resume continues <out>.partial and --resume-from another state: choose one")
+    if keep_state:
+        from cfedit.editor.fit import state_path
+
+        if state_path(target).exists() and not force:
+            raise UsageFailure(f"{state_path(target)} exists; pass --force to overwrite it or --out another path")
+        check_writable(state_path(target), "training state")
     if resume and is_main() and not partial_path(target).exists():
         err_console.print(f"note: no {partial_path(target)} to resume from; starting afresh", markup=False)
     opts = FitOptions(features=features, epochs=epochs, labeller_epochs=labeller_epochs, n_train=n,
@@ -460,7 +470,8 @@ def fit(
                       mnist_root=str(mnist_root) if mnist_root else None, mechanism=mechanism,
                       init_from=str(init_from) if init_from else None)
     with progress_view() as progress:
-        _, summary = fit_ancm(g, target, opts, resume=resume, progress=progress if is_main() else None)
+        _, summary = fit_ancm(g, target, opts, resume=resume, progress=progress if is_main() else None,
+                              resume_from=resume_from, keep_state=keep_state)
     if not summary:  # a non-zero rank under torchrun: rank 0 writes and reports
         return
     for w in summary.get("warnings", []):

@@ -663,6 +663,17 @@ def test_fit_onto_an_unwritable_destination_fails_before_training(tmp_path):
     one_line(r, 2, "/proc: cannot write the checkpoint there")
 
 
+def test_fit_resume_from_is_checked_before_training(tmp_path, mnist_root):
+    out = tmp_path / "m.safetensors"
+    base = ["fit", "--graph", "backdoor", "--out", out, "--device", "cpu", "--mnist-root", mnist_root]
+    one_line(cli(*base, "--resume", "--resume-from", tmp_path / "s.state"), 2, "choose one")
+    one_line(cli(*base, "--resume-from", tmp_path / "s.state"), 2, "s.state: no such training state")
+    (tmp_path / "s.state").write_bytes(b"\x80\x04junk")
+    one_line(cli(*base, "--resume-from", tmp_path / "s.state"), 2, "not a training state file cfedit wrote")
+    (tmp_path / "m.safetensors.state").write_text("x")
+    one_line(cli(*base, "--keep-state"), 2, "m.safetensors.state exists; pass --force")
+
+
 def test_atomic_writes_name_the_destination_and_leave_nothing(tmp_path):
     from cfedit.files import atomic_write_bytes
 

@@ -3,7 +3,8 @@
 :func:`fit_ancm` trains all three parts from a graph's data and writes one checkpoint. The recipe is
 the graph file's ``fit:`` section completed by explicit :class:`FitOptions` (which win). Training is
 resumable: after every epoch the partial state goes to ``<out>.partial`` (torch tensors and plain
-values only, read back with ``weights_only=True``).
+values only, read back with ``weights_only=True``). With ``keep_state`` the final state stays beside
+the checkpoint as ``<out>.state``, and ``resume_from`` continues such a state exactly to more epochs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from cfedit.causal.recipes import FIT_OPTIONS, MECHANISMS, recipe_problem
 from cfedit.editor.model import ANCM
 from cfedit.editor.policy import EditPolicy, redraw
 from cfedit.features import make_feature_model
-from cfedit.errors import GraphError
+from cfedit.errors import CheckpointError, GraphError
 from cfedit.files import atomic_write_bytes
 from cfedit.progress import Progress
 
@@ -130,28 +131,60 @@ def partial_path(out: str | Path) -> Path:
     return Path(str(out) + ".partial")
 
 
-def _save_partial(out: Path, state: dict) -> None:
+def state_path(out: str | Path) -> Path:
+    """Where ``keep_state`` leaves a finished fit's training state."""
+    return Path(str(out) + ".state")
+
+
+def _save_state(path: Path, state: dict) -> None:
     import torch
 
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(partial_path(out), buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_partial(out: Path) -> dict | None:
+def _load_state(p: Path) -> dict | None:
     from cfedit.checkpoint import load_state_file
 
-    p = partial_path(out)
     if not p.exists():
         return None
-    return load_state_file(p)  # tensors and plain containers only; a partial file can never run code
+    return load_state_file(p)  # tensors and plain containers only; a state file can never run code
+
+
+def _continued_state(out: Path, o: FitOptions, resume: bool, resume_from: str | Path | None) -> dict:
+    """The training state a fit continues (empty: a fresh fit), checked against the options."""
+    if resume_from is None:
+        return (_load_state(partial_path(out)) if resume else None) or {}
+    src = Path(resume_from)
+    if not src.is_file():
+        raise CheckpointError(f"--resume-from {src}: no such training state")
+    state = _load_state(src)
+    if not isinstance(state, dict) or "graph_hash" not in state:
+        raise CheckpointError(f"--resume-from {src}: not a training state of cfedit fit")
+    done = (state.get("mechanism") or {}).get("epoch")
+    if o.epochs is not None and done is not None and int(done) >= o.epochs:
+        n = int(done)
+        raise CheckpointError(f"--resume-from {src}: it has trained the image mechanism {n} epoch{'s' * (n != 1)} "
+                              f"already; pass --epochs above {n} to continue it")
+    warm = state.get("init_from")
+    if warm is not None and o.init_from is None:
+        raise CheckpointError(f"--resume-from {src}: it continues a warm start from {warm}; pass --init-from "
+                              "with that model (the labeller it kept)")
+    if warm is None and o.init_from is not None:
+        raise CheckpointError(f"--resume-from {src}: it is not a warm start, so --init-from has nothing to give it")
+    return state
 
 
 def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = None, resume: bool = False,
-             progress: Progress | None = None) -> tuple[ANCM, dict]:
+             progress: Progress | None = None, resume_from: str | Path | None = None,
+             keep_state: bool = False) -> tuple[ANCM, dict]:
     """Train feature model, labeller and image mechanism; write the checkpoint ``out`` atomically.
 
-    With ``resume``, continue from ``<out>.partial`` (written after every epoch). Returns the model
+    With ``resume``, continue from ``<out>.partial`` (written after every epoch); with ``resume_from``,
+    from that training state instead (a ``<out>.state`` that ``keep_state`` left, or a partial), trained
+    on to ``epochs`` in all, with the same optimizer and discriminator: a run continued this way equals
+    one that was asked for the longer schedule. Returns the model
     and a summary: fit of P(V) (total variation), labeller accuracy and null-edit error on the test
     split, and the seconds per stage.
     """
@@ -170,10 +203,14 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
     device = torch.device(o.device)
     # under torchrun rank 0 reads the resume state and hands it to the others (no shared disk needed);
     # the state does not depend on the world size, so a run may resume on another number of processes
-    state = broadcast_object((_load_partial(out) if resume and is_main() else None) or {})
+    state = broadcast_object(_continued_state(out, o, resume, resume_from) if is_main() else {})
     if state and state.get("graph_hash") != graph.structure_hash():
-        raise ValueError(f"{partial_path(out)} belongs to another graph; delete it or fit without --resume")
+        if resume_from is not None:
+            raise CheckpointError(f"--resume-from {resume_from}: that training state belongs to another graph")
+        raise CheckpointError(f"{partial_path(out)} belongs to another graph; delete it or fit without --resume")
     state["graph_hash"] = graph.structure_hash()
+    if o.init_from is not None:
+        state.setdefault("init_from", str(o.init_from))  # so that a continuation knows it needs the labeller
     seconds = dict(state.get("seconds", {}))
     earlier_runs = list(state.get("runs", []))  # how the earlier (resumed) runs were trained
     state["runs"] = earlier_runs + [job_info()]
@@ -204,7 +241,7 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
         def on_epoch(s: dict) -> None:  # the trainers call it on rank 0 only
             state[name] = s
             state["seconds"] = seconds
-            _save_partial(out, state)
+            _save_state(partial_path(out), state)
         return on_epoch
 
     start = _warm_start(graph, o) if o.init_from else None
@@ -263,6 +300,9 @@ def fit_ancm(graph: CausalGraph, out: str | Path, options: FitOptions | None = N
     summary["warnings"] = usability_warnings(summary, graph, test)
     model = ANCM(graph, features, mech.eval(), labeller.eval(), pv, summary, EditPolicy(residual=o.residual))
     model.save(out)
+    if keep_state:
+        state["seconds"] = seconds
+        _save_state(state_path(out), state)
     partial_path(out).unlink(missing_ok=True)
     report("summary", 1, 1, {})
     return model, summary
@@ -272,11 +312,11 @@ def _warm_start(graph: CausalGraph, o: FitOptions) -> "ANCM":
     """The saved model ``o.init_from`` a fit starts from, checked against the graph and the mechanism."""
     start = ANCM.load(o.init_from)
     if start.graph.structure_hash() != graph.structure_hash():
-        raise ValueError(f"--init-from {o.init_from}: that model was trained for another graph "
+        raise CheckpointError(f"--init-from {o.init_from}: that model was trained for another graph "
                          f"({start.graph.name!r}, not {graph.name!r})")
     kind = start.mechanism.config().get("kind", "cvae")
     if kind != o.mechanism or o.mechanism != "masked":
-        raise ValueError(f"--init-from {o.init_from}: a warm start continues a masked editor; that model's "
+        raise CheckpointError(f"--init-from {o.init_from}: a warm start continues a masked editor; that model's "
                          f"image mechanism is {kind!r} and this fit trains {o.mechanism!r}")
     return start
 

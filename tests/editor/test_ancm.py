@@ -10,7 +10,7 @@ from cfedit.causal.bounds import compute_bounds
 from cfedit.causal.query import parse_query
 from cfedit.data import observational_pv
 from cfedit.editor import ANCM
-from cfedit.editor.fit import FitOptions, fit_ancm, partial_path
+from cfedit.editor.fit import FitOptions, fit_ancm, partial_path, state_path
 from cfedit.checkpoint import CheckpointError, load_checkpoint
 from cfedit.cli import app
 from cfedit.data import BarMNIST
@@ -91,6 +91,52 @@ def test_resume_continues_an_interrupted_fit(tmp_path, mnist_root):
     resumed, _ = fit_ancm(g, tmp_path / "b.safetensors", opts, resume=True)
     for k, v in straight.mechanism.state_dict().items():
         assert np.allclose(v.numpy(), resumed.mechanism.state_dict()[k].numpy(), atol=1e-6), k
+
+
+def test_a_kept_state_continues_exactly_to_more_epochs(tmp_path, mnist_root):
+    from dataclasses import replace
+
+    g = load_graph("backdoor")
+    opts = FitOptions(mnist_root=str(mnist_root), **dict(TINY, epochs=2))
+    straight, _ = fit_ancm(g, tmp_path / "a.safetensors", opts)
+    assert not state_path(tmp_path / "a.safetensors").exists()  # kept only when asked
+    fit_ancm(g, tmp_path / "one.safetensors", replace(opts, epochs=1), keep_state=True)
+    kept = state_path(tmp_path / "one.safetensors")
+    assert kept.exists() and not partial_path(tmp_path / "one.safetensors").exists()
+    continued, summary = fit_ancm(g, tmp_path / "two.safetensors", opts, resume_from=kept)
+    for k, v in straight.mechanism.state_dict().items():
+        assert np.allclose(v.numpy(), continued.mechanism.state_dict()[k].numpy(), atol=1e-6), k
+    assert len(summary["distributed"]["earlier_runs"]) == 1  # the run it continued
+    with pytest.raises(CheckpointError, match="trained the image mechanism 1 epoch already; pass --epochs above 1"):
+        fit_ancm(g, tmp_path / "x.safetensors", replace(opts, epochs=1), resume_from=kept)
+    with pytest.raises(CheckpointError, match="not a warm start"):
+        fit_ancm(g, tmp_path / "x.safetensors", replace(opts, init_from=str(tmp_path / "a.safetensors")),
+                 resume_from=kept)
+    with pytest.raises(CheckpointError, match="another graph"):
+        fit_ancm(load_graph("frontdoor"), tmp_path / "x.safetensors", opts, resume_from=kept)
+    with pytest.raises(CheckpointError, match="no such training state"):
+        fit_ancm(g, tmp_path / "x.safetensors", opts, resume_from=tmp_path / "missing.state")
+    with pytest.raises(CheckpointError, match="not a training state"):
+        fit_ancm(g, tmp_path / "x.safetensors", opts, resume_from=tmp_path / "a.safetensors")
+
+
+def test_a_warm_start_state_needs_its_labeller_again(tmp_path, mnist_root):
+    from dataclasses import replace
+
+    g = load_graph("backdoor")
+    opts = FitOptions(mnist_root=str(mnist_root), n_train=128, n_eval=32, epochs=1, labeller_epochs=1,
+                      mechanism="masked", mechanism_options={"batch_size": 32, "width": 8, "blocks": 1, "d_width": 8,
+                                                          "d_warmup": 0})
+    fit_ancm(g, tmp_path / "first.safetensors", opts)
+    warm = replace(opts, init_from=str(tmp_path / "first.safetensors"))
+    straight, _ = fit_ancm(g, tmp_path / "two.safetensors", replace(warm, epochs=2))
+    fit_ancm(g, tmp_path / "one.safetensors", warm, keep_state=True)
+    kept = state_path(tmp_path / "one.safetensors")
+    with pytest.raises(CheckpointError, match="continues a warm start from .*first.safetensors; pass --init-from"):
+        fit_ancm(g, tmp_path / "x.safetensors", replace(opts, epochs=2), resume_from=kept)
+    continued, _ = fit_ancm(g, tmp_path / "cont.safetensors", replace(warm, epochs=2), resume_from=kept)
+    for k, v in straight.mechanism.state_dict().items():
+        assert np.allclose(v.numpy(), continued.mechanism.state_dict()[k].numpy(), atol=1e-6), k
 
 
 def test_edit_cli_writes_pairs_and_json_lines(tiny, tmp_path, mnist_root):
