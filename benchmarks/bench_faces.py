@@ -10,7 +10,8 @@ boxes below); what age edits keep; the gray share of aged young faces per gender
 as the reader shows them; the null edit; faces per second through the library; and the gray-hair
 edits read per factual age beside real gray-haired faces of that age (``gray_by_age`` and
 ``real_gray_by_age``: the reader reads real gray hair on old faces far more often than on young
-ones, and most edited faces are young, so the pooled ratio mixes the two); and the KIDs within a
+ones, and most edited faces are young, so the pooled ratio mixes the two; ``gray_ratio_attainable``:
+the pooled ratio of an edit read gray as often as real gray hair at each age); and the KIDs within a
 factor the edit keeps (``age_kid_by_gender``, ``gray_kid_by_age``, ``glasses_kid_by_gender``: see
 :func:`kid_within`). Writes ``grid.png``
 under ``--out`` (held-out faces x {input, age, gray hair, glasses, smile}; CelebA pictures: never
@@ -89,6 +90,21 @@ def real_gray_by_age(reader, test, graph) -> dict:
     return rate_by_age(reader.read(test.images[real])[:, h] == 1, f[real, graph.axis("age")], graph)
 
 
+def attainable_gray_ratio(edited_by_age: dict, real_by_age: dict) -> float | None:
+    """The pooled gray ratio of an edit whose faces the reader reads gray exactly as often as real
+    gray-haired faces of their own age: sum over ages of (the edits' share of that age x the real rate
+    at that age) / the real pooled rate. do(gray_hair=yes) keeps the age, most edited faces are young,
+    and the reader reads real gray hair on young faces far less often than on old ones, so this is
+    the most the pooled ratio can show for an edit that draws gray hair as real as it comes."""
+    n = sum(v["n"] for v in edited_by_age.values())
+    real_n = sum(v["n"] for v in real_by_age.values())
+    if not n or not real_n or any(v["n"] and real_by_age[a]["rate"] is None for a, v in edited_by_age.items()):
+        return None
+    pooled = sum(v["n"] * v["rate"] for v in real_by_age.values() if v["n"]) / real_n
+    best = sum(v["n"] / n * real_by_age[a]["rate"] for a, v in edited_by_age.items() if v["n"])
+    return best / pooled if pooled else None
+
+
 def kid_within(model, reader, test, variable: str, value: str, within: str, n: int = 600, seed: int = 0,
                least: int = 20) -> dict:
     """Per value of ``within``, a factor the edit keeps: KID (and FID) of do(variable=value) edits of
@@ -151,6 +167,7 @@ def main() -> None:
         b = bars(report, name)
         b["faces_per_s_library"] = throughput(m, test.images[:512])
         b["gray_by_age"] = gray_by_age(m, reader, test)
+        b["gray_ratio_attainable"] = attainable_gray_ratio(b["gray_by_age"], result["real_gray_by_age"])
         b["age_kid_by_gender"] = kid_within(m, reader, test, "age", "old", "gender")
         b["gray_kid_by_age"] = kid_within(m, reader, test, "gray_hair", "yes", "age")
         b["glasses_kid_by_gender"] = kid_within(m, reader, test, "eyeglasses", "yes", "gender")
