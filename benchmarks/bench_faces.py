@@ -21,6 +21,7 @@ commit them) and ``bars.json``. Figures, not asserts.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -129,6 +130,16 @@ def kid_within(model, reader, test, variable: str, value: str, within: str, n: i
     return out
 
 
+def reader_identity(reader) -> dict:
+    """Which reader weights read these figures: the same reader recipe trained on another machine
+    gives other weights (float kernels differ), and its figures differ in the second decimal."""
+    info = reader.info
+    path = Path(info.path) if info and info.path else None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path and path.exists() else None
+    return {"path": str(path) if path else None, "sha256": digest,
+            "test_accuracy": dict(info.test_accuracy) if info else None}
+
+
 def throughput(model, images: np.ndarray, repeats: int = 2) -> float:
     model.edit(images[:32], {"age": "old"})  # warm-up
     best = float("inf")
@@ -161,7 +172,7 @@ def main() -> None:
     test = dataset_for_graph(g, "test", None, 0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"boxes": {"eye_band": EYE_BAND, "face_centre": FACE_CENTRE},
+    result = {"reader": reader_identity(reader), "boxes": {"eye_band": EYE_BAND, "face_centre": FACE_CENTRE},
               "real_gray_by_age": real_gray_by_age(reader, test, g), "models": {}}
     for name, m in models.items():
         b = bars(report, name)
