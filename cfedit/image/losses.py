@@ -253,7 +253,8 @@ class MaskedGANLoss(nn.Module):
             before = [lg.float().log_softmax(1) for lg in self.keeper(x)]
         total = edited.new_zeros(())
         for j, (b, lg) in enumerate(zip(before, self.keeper(edited))):
-            kl = (b.exp() * (b - lg.float().log_softmax(1))).sum(1)
+            # a KL is >= 0; rounding leaves -1e-8 on rows that read alike, which only add noise
+            kl = (b.exp() * (b - lg.float().log_softmax(1))).sum(1).clamp_min(0.0)
             same = (v_new[:, j] == v[:, j]).float()
             total = total + (kl * same).sum() / same.sum().clamp_min(1.0)
         return total

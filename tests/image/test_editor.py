@@ -478,7 +478,7 @@ def test_the_keep_term_is_the_keepers_divergence_on_the_factors_the_target_keeps
     assert torch.allclose(loss.keep_loss(x, y, v, v_new), by_hand)
     assert torch.allclose(loss.keep_loss(x, y, v, v), sum(k.mean() for k in kl))
     out = loss(x, v, v_new)
-    assert "keep" in out and out["keep"] >= -1e-6  # a KL, up to float rounding
+    assert "keep" in out and out["keep"] >= 0
     assert not any(p.requires_grad for p in loss.keeper.parameters())  # frozen: only the editor answers for it
     assert all(p.requires_grad for p in keeper.parameters())  # a copy: the caller's labeller is left alone
     with pytest.raises(ValueError, match="labeller"):
