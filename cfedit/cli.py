@@ -436,7 +436,7 @@ def fit(
     keep_state: bool = typer.Option(False, "--keep-state", help="Keep the final training state (optimizer, discriminator, random streams) as <out>.state, so that --resume-from can train it further exactly."),
     residual: Optional[bool] = typer.Option(None, "--residual/--no-residual", help="Edits apply the decoded change to the input (deep-SCM residual abduction): the null edit returns the input exactly. Default: the graph file's fit recipe, else off."),
     mechanism: Optional[Mechanism] = typer.Option(None, "--mechanism", help="Image mechanism: cvae (a conditional VAE) or masked (edits drawn on the photo through an attention mask; faces). Default: the graph file's fit recipe, else cvae."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="A saved model of the same graph to start from: its labeller is kept and its masked editor trains --epochs more (a warm start)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="A saved model of the same graph to start from: its labeller is kept and its masked editor (the same, or narrower than the recipe's) trains --epochs more (a warm start)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
 ) -> None:

@@ -159,6 +159,64 @@ class MaskedEditor(FactorModule):
     #: buffers that a fit sets from the data, not from a warm start's weights
     DATA_BUFFERS = ("regions",)
 
+    def _input_groups(self, width: int, head_width: int) -> dict[str, tuple[list[int], int]]:
+        """Per layer (a parameter-name prefix) of an editor of this shape but with ``width`` and
+        ``head_width``: the sizes of the channel groups its input concatenates, and its output width."""
+        n, k = len(self.downs) + 1, 2 * sum(self.sizes)
+        ws = [int(width) * 2 ** min(i, 2) for i in range(n)]
+        groups = {"stem.0": ([self.channels + k], ws[0]), "merge.0": ([ws[-1], k], ws[-1])}
+        for i in range(1, n):
+            groups[f"downs.{i - 1}.0"] = ([ws[i - 1]], ws[i])
+            groups[f"downs.{i - 1}.1"] = ([], ws[i])
+        for b in range(self.blocks):
+            for conv, norm in ((0, 1), (3, 4)):
+                groups[f"res.{b}.body.{conv}"] = ([ws[-1]], ws[-1])
+                groups[f"res.{b}.body.{norm}"] = ([], ws[-1])
+        for j, i in enumerate(range(n - 1, 0, -1)):
+            groups[f"ups.{j}.1"] = ([ws[i]] if i == n - 1 else [ws[i], ws[i]], ws[i - 1])
+            groups[f"ups.{j}.2"] = ([], ws[i - 1])
+        groups["final.1"] = ([ws[0]] if n == 1 else [ws[0], ws[0]], int(head_width))
+        groups["head"] = ([int(head_width), self.channels], int(self.head.out_channels))
+        return groups
+
+    def widened(self, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights ``init`` of a narrower editor (smaller width and/or head_width, otherwise the
+        same shape) laid into this editor's tensors so that it draws exactly what that editor drew: each
+        old channel keeps its weights and reads its old inputs only (zero weight on the new ones); the
+        new channels keep this editor's fresh initialisation and are read by nothing until training
+        moves the zeros. ``init`` is returned unchanged when it is not such a narrower editor."""
+        try:
+            old_width, old_head = int(init["stem.0.weight"].shape[0]), int(init["final.1.weight"].shape[0])
+        except (KeyError, IndexError):
+            return init
+        if (old_width, old_head) == (self.width, self.head_width) or old_width > self.width \
+                or old_head > self.head_width:
+            return init
+        old, new = self._input_groups(old_width, old_head), self._input_groups(self.width, self.head_width)
+        own, out = self.state_dict(), dict(init)
+        for prefix, (groups_new, width_new) in new.items():
+            groups_old, width_old = old[prefix]
+            for part in ("weight", "bias"):
+                key, src = f"{prefix}.{part}", init.get(f"{prefix}.{part}")
+                if src is None or key not in own:
+                    continue
+                expect = (width_old, sum(groups_old), *own[key].shape[2:]) if src.ndim == 4 else (width_old,)
+                if prefix == "head" and src.shape[0] != width_old:
+                    continue  # another colour mode: the output layer starts fresh (the caller allows it)
+                if tuple(src.shape) != expect:
+                    return init  # another architecture: the caller refuses it
+                dst = own[key].clone()
+                if src.ndim == 1:
+                    dst[:width_old] = src
+                else:
+                    dst[:width_old] = 0
+                    a_old = a_new = 0
+                    for g_old, g_new in zip(groups_old, groups_new):
+                        dst[:width_old, a_new:a_new + g_old] = src[:, a_old:a_old + g_old]
+                        a_old, a_new = a_old + g_old, a_new + g_new
+                out[key] = dst
+        return out
+
     def set_regions(self, regions: torch.Tensor) -> None:
         """Set the per-factor region maps [k, S, S] in [0, 1] that the gate opens (gate > 0 only)."""
         if self.gate <= 0:

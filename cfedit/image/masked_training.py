@@ -196,7 +196,7 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
 
     ``options`` override :data:`MASKED_DEFAULTS`. Resumable like the other trainers (``on_epoch``
     also runs every ``save_every`` steps inside an epoch, and ``state`` resumes from there exactly).
-    ``init``: a trained editor's state dict to start from (a warm start; same architecture).
+    ``init``: a trained editor's state dict to start from (a warm start; the same architecture or a narrower one).
     ``labeller``: the fitted labeller, read (a frozen copy) by the ``keep`` term; needed when keep > 0.
     """
     opts = {**_options(MASKED_DEFAULTS, options, epochs), "lr_decay": False}

@@ -186,7 +186,10 @@ def _init(build: Callable[[], nn.Module], seed: int, state: Mapping | None,
 
 def _warm_start(model: nn.Module, init: Mapping) -> None:
     """Load the weights of ``init`` that fit ``model``. The output layer (the last parameters) may be
-    new, e.g. another colour mode of the masked editor; everything before it must match by name and shape."""
+    new, e.g. another colour mode of the masked editor; everything before it must match by name and shape,
+    or be a narrower model that ``model.widened`` lays into its own (a wider masked editor)."""
+    if hasattr(model, "widened"):
+        init = model.widened(dict(init))
     own = model.state_dict()
     fits = {k: v for k, v in init.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     data_buffers = tuple(getattr(model, "DATA_BUFFERS", ()))  # set from the data by the fit itself

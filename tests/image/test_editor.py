@@ -11,6 +11,7 @@ from cfedit import load_graph
 from cfedit.image import MaskedEditor, mechanism_from_config
 from cfedit.image.losses import AttributeDiscriminator
 from cfedit.image.masked_training import train_masked_editor
+from cfedit.image.train import _warm_start
 from tests.image.test_mechanism import ItemsOnly, Squares
 
 TINY = {"width": 8, "blocks": 1, "d_width": 8, "batch_size": 16, "d_warmup": 0}
@@ -154,8 +155,40 @@ def test_a_warm_start_continues_from_the_given_weights_and_refuses_another_archi
     assert torch.equal(fresh.state_dict()[w], first.state_dict()[w])
     assert not torch.equal(again.state_dict()[w], first.state_dict()[w])
     assert (again.state_dict()[w] - first.state_dict()[w]).abs().max() < 0.05
+    with pytest.raises(ValueError, match="another architecture"):  # narrower, or another depth
+        train_masked_editor(ds, ds.graph, epochs=1, seed=0, init=first.state_dict(), **dict(TINY, width=6))
     with pytest.raises(ValueError, match="another architecture"):
-        train_masked_editor(ds, ds.graph, epochs=1, seed=0, init=first.state_dict(), **dict(TINY, width=12))
+        train_masked_editor(ds, ds.graph, epochs=1, seed=0, init=first.state_dict(), **dict(TINY, blocks=2))
+
+
+@pytest.mark.parametrize("width, head_width", [(8, 16), (12, 8), (12, 20)])
+def test_a_wider_editor_warm_started_from_a_narrower_one_draws_what_it_drew_and_its_new_channels_learn(
+        width, head_width):
+    ds = Squares(12, seed=3)
+    narrow = tiny_editor(seed=4)
+    with torch.no_grad():  # weights far from the initial ones, so that every old channel matters
+        for p in narrow.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    torch.manual_seed(5)
+    wide = MaskedEditor(["color", "big"], [2, 2], channels=3, size=16, width=width, blocks=1,
+                        head_width=head_width)
+    _warm_start(wide, narrow.state_dict())
+    wide.eval()
+    flipped = ds.factors.copy()
+    flipped[:, 1] = 1 - flipped[:, 1]
+    a, b = narrow.masks(ds.images, ds.factors, flipped), wide.masks(ds.images, ds.factors, flipped)
+    assert np.abs(a - b).max() < 1e-5 and a.std() > 0.01
+    a, b = narrow.edit(ds.images, ds.factors, flipped), wide.edit(ds.images, ds.factors, flipped)
+    assert np.abs(a - b).max() < 1e-5 and np.abs(a - ds.images / 255.0).mean() > 0.01
+    # the old channels read none of the new ones, and the head's weights on the new channels learn
+    assert (wide.head.weight[:, 8:head_width] == 0).all()
+    x = torch.from_numpy(ds.images).float() / 255
+    out, mask = wide.train()(x, torch.from_numpy(ds.factors), torch.from_numpy(flipped))
+    (out.sum() + mask.sum()).backward()
+    if head_width > 8:
+        assert wide.head.weight.grad[:, 8:head_width].abs().sum() > 0
+    else:
+        assert wide.final[1].weight.grad[:, 8:12].abs().sum() > 0  # the trunk's new channels reach the head
 
 
 def test_the_tone_colour_layer_lightens_darkens_or_grays_but_never_changes_a_hue():
