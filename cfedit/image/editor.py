@@ -194,7 +194,7 @@ class MaskedEditor(FactorModule):
             return init
         old, new = self._input_groups(old_width, old_head), self._input_groups(self.width, self.head_width)
         own, out = self.state_dict(), dict(init)
-        for prefix, (groups_new, width_new) in new.items():
+        for prefix, (groups_new, _) in new.items():
             groups_old, width_old = old[prefix]
             for part in ("weight", "bias"):
                 key, src = f"{prefix}.{part}", init.get(f"{prefix}.{part}")

@@ -194,6 +194,7 @@ def _warm_start(model: nn.Module, init: Mapping) -> None:
     fits = {k: v for k, v in init.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     data_buffers = tuple(getattr(model, "DATA_BUFFERS", ()))  # set from the data by the fit itself
     missing = [k for k in own if k not in fits and k.split(".")[-1] not in data_buffers]
+    missing += [k for k in init if k not in own and k.split(".")[-1] not in data_buffers]  # e.g. a deeper model
     last = [k for k, _ in model.named_parameters()][-2:]  # the output layer's weight and bias
     if any(k not in last for k in missing):
         raise ValueError(f"cannot start from the given weights: they are another architecture "

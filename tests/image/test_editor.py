@@ -159,6 +159,9 @@ def test_a_warm_start_continues_from_the_given_weights_and_refuses_another_archi
         train_masked_editor(ds, ds.graph, epochs=1, seed=0, init=first.state_dict(), **dict(TINY, width=6))
     with pytest.raises(ValueError, match="another architecture"):
         train_masked_editor(ds, ds.graph, epochs=1, seed=0, init=first.state_dict(), **dict(TINY, blocks=2))
+    deeper, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=0, **dict(TINY, blocks=2))
+    with pytest.raises(ValueError, match="another architecture"):  # its second block would be dropped
+        train_masked_editor(ds, ds.graph, epochs=1, seed=0, init=deeper.state_dict(), **TINY)
 
 
 @pytest.mark.parametrize("width, head_width", [(8, 16), (12, 8), (12, 20)])
