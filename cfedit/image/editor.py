@@ -25,7 +25,7 @@ numpy or torch, uint8 or float images in, results following the input's library.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,11 @@ class _Residual(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.body(h)
+
+
+def level_widths(width: int, n: int) -> list[int]:
+    """The masked editor's channel width at each of its n halved resolutions (doubling twice, then flat)."""
+    return [width * 2 ** min(i, 2) for i in range(n)]
 
 
 def changed_union(changed: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
@@ -127,7 +132,7 @@ class MaskedEditor(FactorModule):
         k = 2 * sum(self.sizes)  # target one-hot and its difference to the factual one-hot
         # one width per halved resolution (S/2 ... S/2^n); no convolution runs at full resolution but
         # the last two, thin ones: on a CPU, full-resolution layers cost more than all the others
-        ws = [self.width * 2 ** min(i, 2) for i in range(n)]
+        ws = level_widths(self.width, n)
         self.stem = nn.Sequential(nn.Conv2d(self.channels + k, ws[0], 4, 2, 1), nn.LeakyReLU(0.2))
         self.downs = nn.ModuleList(nn.Sequential(nn.Conv2d(ws[i - 1], ws[i], 4, 2, 1), _norm(ws[i]),
                                                  nn.LeakyReLU(0.2)) for i in range(1, n))
@@ -163,7 +168,7 @@ class MaskedEditor(FactorModule):
         """Per layer (a parameter-name prefix) of an editor of this shape but with ``width`` and
         ``head_width``: the sizes of the channel groups its input concatenates, and its output width."""
         n, k = len(self.downs) + 1, 2 * sum(self.sizes)
-        ws = [int(width) * 2 ** min(i, 2) for i in range(n)]
+        ws = level_widths(int(width), n)
         groups = {"stem.0": ([self.channels + k], ws[0]), "merge.0": ([ws[-1], k], ws[-1])}
         for i in range(1, n):
             groups[f"downs.{i - 1}.0"] = ([ws[i - 1]], ws[i])
@@ -179,7 +184,7 @@ class MaskedEditor(FactorModule):
         groups["head"] = ([int(head_width), self.channels], int(self.head.out_channels))
         return groups
 
-    def widened(self, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def widened(self, init: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The weights ``init`` of a narrower editor (smaller width and/or head_width, otherwise the
         same shape) laid into this editor's tensors so that it draws exactly what that editor drew: each
         old channel keeps its weights and reads its old inputs only (zero weight on the new ones); the

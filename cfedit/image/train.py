@@ -189,12 +189,12 @@ def _warm_start(model: nn.Module, init: Mapping) -> None:
     new, e.g. another colour mode of the masked editor; everything before it must match by name and shape,
     or be a narrower model that ``model.widened`` lays into its own (a wider masked editor)."""
     if hasattr(model, "widened"):
-        init = model.widened(dict(init))
+        init = model.widened(init)
     own = model.state_dict()
     fits = {k: v for k, v in init.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     data_buffers = tuple(getattr(model, "DATA_BUFFERS", ()))  # set from the data by the fit itself
-    missing = [k for k in own if k not in fits and k.split(".")[-1] not in data_buffers]
-    missing += [k for k in init if k not in own and k.split(".")[-1] not in data_buffers]  # e.g. a deeper model
+    # the model's tensors that do not fit, then those of init that the model lacks (e.g. a deeper model's)
+    missing = [k for k in dict.fromkeys([*own, *init]) if k not in fits and k.split(".")[-1] not in data_buffers]
     last = [k for k, _ in model.named_parameters()][-2:]  # the output layer's weight and bias
     if any(k not in last for k in missing):
         raise ValueError(f"cannot start from the given weights: they are another architecture "
