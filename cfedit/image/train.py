@@ -263,6 +263,37 @@ def _cpu(obj):
     return obj
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights over the training steps (the generator
+    average of GAN training): ``weights`` moves toward the model's parameters by ``1 - decay`` after each
+    step, the decay set by a half-life in steps (after ``half_life`` steps of a model that stood still,
+    half of the gap remains); buffers are copied as they are."""
+
+    def __init__(self, model: nn.Module, half_life: float, weights: Mapping[str, torch.Tensor] | None = None):
+        self.decay = 0.5 ** (1.0 / half_life)
+        own = model.state_dict()
+        if weights is not None and set(weights) != set(own):
+            raise ValueError("cannot resume: the saved weight average holds other tensors than the model")
+        self.weights = {k: (weights[k] if weights is not None else t).detach().to(t.device, t.dtype, copy=True)
+                        for k, t in own.items()}
+        self._params = {k for k, _ in model.named_parameters()}
+
+    @classmethod
+    def start(cls, model: nn.Module, half_life: float, weights: Mapping[str, torch.Tensor] | None = None):
+        """The average of ``model`` (resumed from ``weights``), or None when ``half_life`` is 0 (off)."""
+        if half_life < 0 or not math.isfinite(half_life):
+            raise ValueError(f"ema_half_life must be a number of steps >= 0, got {half_life}")
+        return cls(model, half_life, weights) if half_life > 0 else None
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, t in model.state_dict().items():
+            if k in self._params and t.is_floating_point():
+                self.weights[k].lerp_(t, 1.0 - self.decay)
+            else:
+                self.weights[k].copy_(t)
+
+
 def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, device: torch.device, seed: int,
          progress: Progress | None, state: Mapping | None, on_epoch) -> tuple[nn.Module, dict]:
     from cfedit.distributed import gather_ints, mean_across_ranks
@@ -314,6 +345,8 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
         float(history[-1]["seconds"]) if history else 0.0)
     sums: dict[str, torch.Tensor] = {}
     save_every = int(opts.get("save_every", 0) or 0)
+    average = WeightAverage.start(model, float(opts.get("ema_half_life", 0) or 0),
+                                  state.get("ema") if state is not None else None)
 
     def snapshot(epoch_done: int) -> dict:
         saved = {"model": _cpu(model.state_dict()), "config": model.config(),
@@ -321,6 +354,8 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
                  "rng": gen.get_state(), "history": copy.deepcopy(history)}
         if aux is not None:
             saved["aux"] = _cpu(aux.state_dict())
+        if average is not None:
+            saved["ema"] = _cpu(average.weights)
         return saved
 
     for epoch in range(start_epoch, opts["epochs"]):
@@ -348,6 +383,8 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
             scaler.scale(out["loss"]).backward()
             scaler.step(opt)
             scaler.update()
+            if average is not None:
+                average.update(model)
             step += 1
             count += 1
             seen += len(x)
@@ -367,6 +404,8 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
         history.append(metrics)
         if on_epoch is not None and rank == 0:
             on_epoch(snapshot(epoch + 1))
+    if average is not None:  # the trained model is the average; the state keeps the raw weights too
+        model.load_state_dict(average.weights)
     model.eval()
     final = dict(history[-1]) if history else {}
     final["seconds"] = seconds0 + time.perf_counter() - t0

@@ -11,7 +11,7 @@ from cfedit import load_graph
 from cfedit.image import MaskedEditor, mechanism_from_config
 from cfedit.image.losses import AttributeDiscriminator
 from cfedit.image.masked_training import train_masked_editor
-from cfedit.image.train import _warm_start
+from cfedit.image.train import WeightAverage, _warm_start
 from tests.image.test_mechanism import ItemsOnly, Squares
 
 TINY = {"width": 8, "blocks": 1, "d_width": 8, "batch_size": 16, "d_warmup": 0}
@@ -116,6 +116,50 @@ def test_training_resumes_exactly_from_inside_an_epoch():
         assert torch.equal(a, b), k
     assert m_res["steps"] == m_full["steps"] == 12
     assert m_res["cycle"] == pytest.approx(m_full["cycle"], rel=1e-6)
+
+
+def test_a_weight_average_closes_half_the_gap_to_a_still_model_in_its_half_life():
+    model = torch.nn.Linear(3, 2)
+    model.register_buffer("seen", torch.zeros(1))
+    start = {k: t.clone() for k, t in model.state_dict().items()}
+    average = WeightAverage.start(model, half_life=4)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        model.seen.fill_(7.0)
+    for _ in range(4):
+        average.update(model)
+    assert torch.allclose(average.weights["weight"], start["weight"] + 0.5, atol=1e-6)
+    assert torch.equal(average.weights["bias"], start["bias"])  # a parameter that did not move
+    assert average.weights["seen"].item() == 7.0  # buffers are copied, not averaged
+    assert WeightAverage.start(model, half_life=0) is None
+    with pytest.raises(ValueError, match="ema_half_life"):
+        WeightAverage.start(model, half_life=-1)
+
+
+def test_an_editor_trained_with_a_weight_average_returns_the_average_of_its_steps_and_resumes_it_exactly():
+    ds = Squares(96, seed=5)
+    torch.manual_seed(11)  # the weights the fit starts from (the shape TINY trains)
+    init = MaskedEditor.for_graph(ds.graph, width=8, blocks=1, colour_pool=2, delta_bound=3.0, colour="luma",
+                                  gate=0.5).state_dict()
+    opts = dict(TINY, ema_half_life=3)
+    steps = []
+    full, _ = train_masked_editor(ds, ds.graph, epochs=2, seed=3, init=init, save_every=1,
+                                  on_epoch=steps.append, **opts)
+    assert [s["step"] for s in steps] == list(range(1, 13))
+    # the recurrence by hand over the raw weights after every step, from the warm start's weights
+    decay = 0.5 ** (1 / 3)
+    expect = {k: t.clone() for k, t in init.items()}
+    for s in steps:
+        for k in expect:  # the region maps, a buffer, are copied
+            expect[k] = s["model"][k] if k == "regions" else decay * expect[k] + (1 - decay) * s["model"][k]
+    got, raw = full.state_dict(), steps[-1]["model"]
+    for k, t in expect.items():
+        assert torch.allclose(got[k], t, atol=1e-6), k
+    assert not torch.allclose(got["head.weight"], raw["head.weight"])  # the average, not the last step
+    # interrupted inside the second epoch and resumed: the same average, exactly
+    resumed, _ = train_masked_editor(ds, ds.graph, epochs=2, seed=3, init=init, state=steps[8], **opts)
+    for k, t in got.items():
+        assert torch.equal(resumed.state_dict()[k], t), k
 
 
 def test_unknown_training_options_are_refused():
