@@ -270,6 +270,8 @@ class WeightAverage:
     half of the gap remains); buffers are copied as they are."""
 
     def __init__(self, model: nn.Module, half_life: float, weights: Mapping[str, torch.Tensor] | None = None):
+        if not (half_life > 0 and math.isfinite(half_life)):
+            raise ValueError(f"ema_half_life must be a number of steps > 0 for an average, got {half_life}")
         self.decay = 0.5 ** (1.0 / half_life)
         own = model.state_dict()
         if weights is not None and set(weights) != set(own):
@@ -281,9 +283,7 @@ class WeightAverage:
     @classmethod
     def start(cls, model: nn.Module, half_life: float, weights: Mapping[str, torch.Tensor] | None = None):
         """The average of ``model`` (resumed from ``weights``), or None when ``half_life`` is 0 (off)."""
-        if half_life < 0 or not math.isfinite(half_life):
-            raise ValueError(f"ema_half_life must be a number of steps >= 0, got {half_life}")
-        return cls(model, half_life, weights) if half_life > 0 else None
+        return None if half_life == 0 else cls(model, half_life, weights)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
