@@ -28,7 +28,7 @@ MECHANISM_OPTIONS: dict[str, dict[str, Any]] = {
                "cls_d": NUMBER, "cycle": NUMBER, "mask": NUMBER, "smooth": NUMBER, "d_width": COUNT,
                "d_shift": WHOLE, "colour_pool": COUNT, "delta_bound": NUMBER, "colour": ("rgb", "tone", "luma"),
                "d_warmup": WHOLE, "region": NUMBER, "cls_balance": FLAG, "cls_strata": FLAG, "d_project": FLAG, "d_local": FLAG, "sparsity": ("mask", "change"), "keep": NUMBER, "gate": FRACTION,
-               "ema_half_life": WHOLE, "save_every": COUNT},
+               "ema_half_life": WHOLE, "lr_decay_epochs": WHOLE, "save_every": COUNT},
 }
 #: ``fit:`` options besides those of the chosen mechanism (``mechanism:``, default cvae).
 FIT_OPTIONS: dict[str, Any] = {"epochs": COUNT, "labeller_epochs": COUNT, "residual": FLAG,

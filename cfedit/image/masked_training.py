@@ -64,12 +64,14 @@ from cfedit.image.train import _batches, _fit, _init, _options
 # factor the target does not change (0: off; see MaskedGANLoss.keep_loss); ema_half_life: the editor
 # that a fit returns is the moving average of its weights over the steps, with this half-life in steps
 # (0: the last step's weights; see cfedit.image.train.WeightAverage). The training state keeps both.
+# lr_decay_epochs: the learning rate (editor and discriminator) falls linearly to 0 over the run's last
+# this many epochs (0: constant; see cfedit.image.train.lr_scale).
 MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "width": 24,
                    "blocks": 2, "head_width": 8, "colour_pool": 2, "delta_bound": 3.0, "colour": "luma",
                    "swap_p": 0.3, "cls_g": 1.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1, "smooth": 0.5,
                    "d_width": 32, "d_shift": 2, "d_warmup": 300, "region": 6.0, "cls_balance": True, "cls_strata": False, "gate": 0.5,
                    "d_project": False, "d_local": False, "sparsity": "mask", "keep": 0.0,
-                   "ema_half_life": 0, "save_every": 300}
+                   "ema_half_life": 0, "lr_decay_epochs": 0, "save_every": 300}
 
 DIFFUSE_AREA = 0.35  # a factor whose map opens more of the picture than this is diffuse (see focus_regions)
 FLAT_REGION = 0.5  # the map diffuse factors get when no factor is focused (or the gate's value, if higher)

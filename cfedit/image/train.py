@@ -51,8 +51,9 @@ from cfedit.image.mechanism import ImageMechanism, to_float_images
 Progress = Callable[[int, int, dict], None]
 LOG_EVERY = 10
 
-# lr_decay: lr falls to 0 on a cosine over the run (a function of the step, so resuming needs no
-# scheduler state). shift: random translation of up to this many pixels per image (augmentation).
+# lr_decay: lr falls to 0 on a cosine over the run; lr_decay_epochs (k > 0): lr stays until the last k
+# epochs of the run and falls linearly to 0 over them (the schedule of CycleGAN and StarGAN). Both are
+# functions of the step (see lr_scale), so resuming needs no scheduler state. shift: random translation of up to this many pixels per image (augmentation).
 # flip: mirror half the images left-right (augmentation for faces; never for digits, where a mirrored
 # 2 is not a 2).
 LABELLER_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 2e-3, "lr_decay": True, "width": 32, "hidden": 128,
@@ -157,6 +158,21 @@ def train_image_mechanism(dataset, graph, labeller: Labeller | None, epochs: int
 # --------------------------------------------------------------------------------------------
 # The shared loop
 # --------------------------------------------------------------------------------------------
+
+def lr_scale(step: int, total: int, steps_per_epoch: int, opts: Mapping) -> float:
+    """The factor on the learning rate for the step ``step`` (0-based) of a run of ``total`` steps.
+
+    ``lr_decay``: a cosine from 1 at the first step to 0 at the end. ``lr_decay_epochs`` k > 0: 1 until
+    the last k epochs (all of the run if it has fewer), then falling linearly, the last step at
+    1 / (the steps of those epochs). Otherwise 1."""
+    if opts.get("lr_decay"):
+        return 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+    k = int(opts.get("lr_decay_epochs", 0) or 0)
+    if k <= 0:
+        return 1.0
+    span = max(min(k * steps_per_epoch, total), 1)
+    return min(1.0, (total - step) / span)
+
 
 def _options(defaults: Mapping, options: Mapping, epochs: int | None) -> dict:
     unknown = sorted(set(options) - set(defaults))
@@ -345,6 +361,7 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
         float(history[-1]["seconds"]) if history else 0.0)
     sums: dict[str, torch.Tensor] = {}
     save_every = int(opts.get("save_every", 0) or 0)
+    decaying = bool(opts.get("lr_decay")) or int(opts.get("lr_decay_epochs", 0) or 0) > 0
     average = WeightAverage.start(model, float(opts.get("ema_half_life", 0) or 0),
                                   state.get("ema") if state is not None else None)
 
@@ -376,9 +393,9 @@ def _fit(model: nn.Module, module: nn.Module, step_fn, dataset, opts: dict, devi
         for x, v in _rank_batches(dataset, idx, opts["batch_size"], device, rank, world):
             with autocast():
                 out = step_fn(wrapped, x, v, gen if world == 1 else _step_gen(seed, rank, step))
-            if opts["lr_decay"]:
+            if decaying:
                 for group in opt.param_groups:
-                    group["lr"] = opts["lr"] * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+                    group["lr"] = opts["lr"] * lr_scale(step, total, steps_per_epoch, opts)
             opt.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
             scaler.step(opt)

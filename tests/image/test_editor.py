@@ -11,7 +11,7 @@ from cfedit import load_graph
 from cfedit.image import MaskedEditor, mechanism_from_config
 from cfedit.image.losses import AttributeDiscriminator
 from cfedit.image.masked_training import train_masked_editor
-from cfedit.image.train import WeightAverage, _warm_start
+from cfedit.image.train import WeightAverage, _warm_start, lr_scale
 from tests.image.test_mechanism import ItemsOnly, Squares
 
 TINY = {"width": 8, "blocks": 1, "d_width": 8, "batch_size": 16, "d_warmup": 0}
@@ -159,6 +159,36 @@ def test_an_editor_trained_with_a_weight_average_returns_the_average_of_its_step
     # interrupted inside the second epoch and resumed: the same average, exactly
     resumed, _ = train_masked_editor(ds, ds.graph, epochs=2, seed=3, init=init, state=steps[8], **opts)
     for k, t in got.items():
+        assert torch.equal(resumed.state_dict()[k], t), k
+
+
+def test_the_learning_rate_stays_then_falls_linearly_over_the_last_epochs_or_on_a_cosine():
+    # 60 steps of 10 per epoch, the last 3 epochs decaying: 1 through step 30, then (60 - step) / 30
+    assert [lr_scale(s, 60, 10, {"lr_decay_epochs": 3}) for s in (0, 29, 30, 31, 45, 59)] == pytest.approx(
+        [1, 1, 1, 29 / 30, 0.5, 1 / 30])
+    assert lr_scale(0, 60, 10, {"lr_decay_epochs": 9}) == 1.0  # more epochs than the run: all of it decays
+    assert lr_scale(59, 60, 10, {"lr_decay_epochs": 9}) == pytest.approx(1 / 60)
+    assert lr_scale(59, 60, 10, {}) == lr_scale(59, 60, 10, {"lr_decay_epochs": 0}) == 1.0
+    assert lr_scale(30, 60, 10, {"lr_decay": True}) == pytest.approx(0.5)  # the cosine at half way
+
+
+def test_an_editor_trained_with_a_decaying_learning_rate_follows_it_step_by_step_and_resumes_exactly():
+    ds = Squares(96, seed=5)
+    opts = dict(TINY, lr=1e-3, save_every=1)
+    steady, decayed = [], []
+    train_masked_editor(ds, ds.graph, epochs=2, seed=3, on_epoch=steady.append, **opts)
+    full, _ = train_masked_editor(ds, ds.graph, epochs=2, seed=3, on_epoch=decayed.append, lr_decay_epochs=1, **opts)
+    # 12 steps of 6 per epoch: the 7 steps before the last epoch's second at the full rate, then 5/6 ... 1/6
+    lrs = [s["optimizer"]["param_groups"][0]["lr"] for s in decayed[:12]]
+    assert lrs == pytest.approx([1e-3] * 7 + [1e-3 * k / 6 for k in (5, 4, 3, 2, 1)])
+    assert {s["optimizer"]["param_groups"][0]["lr"] for s in steady} == {1e-3}
+    # the same run as the steady one until the decay begins, a different one after
+    for k, t in steady[6]["model"].items():
+        assert torch.equal(decayed[6]["model"][k], t), k
+    assert not torch.equal(decayed[7]["model"]["head.weight"], steady[7]["model"]["head.weight"])
+    # interrupted inside the decay and resumed: the same editor, exactly
+    resumed, _ = train_masked_editor(ds, ds.graph, epochs=2, seed=3, state=decayed[8], lr_decay_epochs=1, **opts)
+    for k, t in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], t), k
 
 
