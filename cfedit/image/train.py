@@ -53,9 +53,9 @@ LOG_EVERY = 10
 
 # lr_decay: lr falls to 0 on a cosine over the run; lr_decay_epochs (k > 0): lr stays until the last k
 # epochs of the run and falls linearly to 0 over them (the schedule of CycleGAN and StarGAN). Both are
-# functions of the step (see lr_scale), so resuming needs no scheduler state. shift: random translation of up to this many pixels per image (augmentation).
-# flip: mirror half the images left-right (augmentation for faces; never for digits, where a mirrored
-# 2 is not a 2).
+# functions of the step (see lr_scale), so resuming needs no scheduler state. shift: random
+# translation of up to this many pixels per image (augmentation). flip: mirror half the images
+# left-right (augmentation for faces; never for digits, where a mirrored 2 is not a 2).
 LABELLER_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 2e-3, "lr_decay": True, "width": 32, "hidden": 128,
                      "shift": 2, "flip": False}
 # attr_weight: weight of the attribute-classification loss on edited decodes (in units where the

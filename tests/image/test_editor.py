@@ -178,7 +178,7 @@ def test_an_editor_trained_with_a_decaying_learning_rate_follows_it_step_by_step
     steady, decayed = [], []
     train_masked_editor(ds, ds.graph, epochs=2, seed=3, on_epoch=steady.append, **opts)
     full, _ = train_masked_editor(ds, ds.graph, epochs=2, seed=3, on_epoch=decayed.append, lr_decay_epochs=1, **opts)
-    # 12 steps of 6 per epoch: the 7 steps before the last epoch's second at the full rate, then 5/6 ... 1/6
+    # 12 steps of 6 per epoch: the first 7 (the last epoch's first one too) at the full rate, then 5/6 ... 1/6
     lrs = [s["optimizer"]["param_groups"][0]["lr"] for s in decayed[:12]]
     assert lrs == pytest.approx([1e-3] * 7 + [1e-3 * k / 6 for k in (5, 4, 3, 2, 1)])
     assert {s["optimizer"]["param_groups"][0]["lr"] for s in steady} == {1e-3}
