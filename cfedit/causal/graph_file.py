@@ -291,10 +291,11 @@ def _data(check: _Checker, raw: Any) -> dict[str, str] | None:
     return out
 
 
-def _recipe(check: _Checker, raw: Any, key: str, example: str, options_known: bool) -> dict[str, Any]:
+def _recipe(check: _Checker, raw: Any, key: str, example: str, options_known: bool,
+            variables: list[str]) -> dict[str, Any]:
     recipe = check.mapping(raw, key, example, key)
     if options_known:
-        problem = recipe_problem(key, recipe)
+        problem = recipe_problem(key, recipe, variables)
         if problem:
             message, name = problem
             raise check.error(message, key, *([name] if name else []))
@@ -338,8 +339,8 @@ def graph_from_dict(d: Any, source: str = "<graph>", marks: _Marks | None = None
             raise check.error(f"query name {qname!r} must be letters, digits, '_', '-' and '.'", "queries", qname)
         if not isinstance(text, str):
             raise check.error(f"query {qname!r} must be text such as \"P(y_{{x=1}}=1)\"", "queries", qname)
-    fit = _recipe(check, d.get("fit"), "fit", "{epochs: 10, residual: true}", recipes_current)
-    reader = _recipe(check, d.get("reader"), "reader", "{epochs: 15, flip: true}", recipes_current)
+    fit = _recipe(check, d.get("fit"), "fit", "{epochs: 10, residual: true}", recipes_current, known)
+    reader = _recipe(check, d.get("reader"), "reader", "{epochs: 15, flip: true}", recipes_current, known)
 
     try:
         graph = CausalGraph(

@@ -11,11 +11,12 @@ built in code, a caller's overrides).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 # Kinds of option values: a count (whole number >= 1), a whole number (>= 0), a number (>= 0), a
-# fraction (0..1), a flag (true/false), or a tuple of the words allowed.
-COUNT, WHOLE, NUMBER, FRACTION, FLAG = "count", "whole", "number", "fraction", "flag"
+# fraction (0..1), a flag (true/false), a list of the graph's variable names, or a tuple of the words
+# allowed.
+COUNT, WHOLE, NUMBER, FRACTION, FLAG, NAMES = "count", "whole", "number", "fraction", "flag", "names"
 
 # They mirror the trainers' defaults (cfedit.image.train, cfedit.image.masked_training,
 # cfedit.eval), which import torch; a test keeps the two in step.
@@ -28,7 +29,7 @@ MECHANISM_OPTIONS: dict[str, dict[str, Any]] = {
                "cls_d": NUMBER, "cycle": NUMBER, "mask": NUMBER, "smooth": NUMBER, "d_width": COUNT,
                "d_shift": WHOLE, "colour_pool": COUNT, "delta_bound": NUMBER, "colour": ("rgb", "tone", "luma"),
                "d_warmup": WHOLE, "region": NUMBER, "cls_balance": FLAG, "cls_strata": FLAG, "d_project": FLAG, "d_local": FLAG, "sparsity": ("mask", "change"), "keep": NUMBER, "gate": FRACTION,
-               "ema_half_life": WHOLE, "lr_decay_epochs": WHOLE, "save_every": COUNT},
+               "ema_half_life": WHOLE, "lr_decay_epochs": WHOLE, "diffuse_exclude": NAMES, "save_every": COUNT},
 }
 #: ``fit:`` options besides those of the chosen mechanism (``mechanism:``, default cvae).
 FIT_OPTIONS: dict[str, Any] = {"epochs": COUNT, "labeller_epochs": COUNT, "residual": FLAG,
@@ -41,8 +42,16 @@ READER_OPTIONS: dict[str, Any] = {"n": COUNT, "epochs": COUNT, "seed": WHOLE, "w
                                   "lr_decay": FLAG, "shift": WHOLE, "flip": FLAG}
 
 
-def option_problem(kind: Any, value: Any) -> str | None:
-    """Why ``value`` is not an option value of ``kind``, or None when it is."""
+def option_problem(kind: Any, value: Any, variables: Sequence[str] | None = None) -> str | None:
+    """Why ``value`` is not an option value of ``kind``, or None when it is. ``variables``: the graph's
+    variable names, which a list of names must come from (unchecked when None)."""
+    if kind == NAMES:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            return "must be a list of variable names, such as [smiling]"
+        if len(set(value)) != len(value):
+            return "names a variable twice"
+        unknown = [v for v in value if variables is not None and v not in variables]
+        return f"names {unknown[0]!r}, which is no variable (variables: {', '.join(variables)})" if unknown else None
     if isinstance(kind, tuple):
         return None if isinstance(value, str) and value in kind else f"must be one of {', '.join(kind)}"
     if kind == FLAG:
@@ -63,8 +72,10 @@ BARMNIST_SETTINGS = ("backdoor", "frontdoor")
 DATA_KEYS = ("barmnist", "folder", "labels", "images")
 
 
-def recipe_problem(section: str, recipe: Mapping[str, Any]) -> tuple[str, str | None] | None:
+def recipe_problem(section: str, recipe: Mapping[str, Any],
+                   variables: Sequence[str] | None = None) -> tuple[str, str | None] | None:
     """The first problem of a ``fit:`` or ``reader:`` recipe as (message, offending key), or None.
+    ``variables``: the graph's variable names, which options naming variables must come from.
 
     Messages read ``'fit' (mechanism cvae): unknown key 'latnet' (known: ...)`` or ``'reader' epochs
     must be a whole number of at least 1, not 0``; the key is None when the problem is the section's."""
@@ -83,7 +94,7 @@ def recipe_problem(section: str, recipe: Mapping[str, Any]) -> tuple[str, str | 
     if unknown:
         return f"{what}: unknown key {unknown[0]!r} (known: {', '.join(options)})", unknown[0]
     for name, value in recipe.items():
-        problem = option_problem(options[name], value)
+        problem = option_problem(options[name], value, variables)
         if problem:
             return f"'{section}' {name} {problem}, not {value!r}", name
     return None

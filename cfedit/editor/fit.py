@@ -114,7 +114,7 @@ def resolve_options(graph: CausalGraph, options: FitOptions | None = None) -> Fi
         raise GraphError(f"unknown image mechanism {o.mechanism!r} (known: {', '.join(MECHANISMS)})")
     recipe_kind = str(recipe.get("mechanism", "cvae"))
     kind = o.mechanism or recipe_kind
-    problem = recipe_problem("fit", {**recipe, "mechanism": recipe_kind})
+    problem = recipe_problem("fit", {**recipe, "mechanism": recipe_kind}, graph.names)
     if problem:
         raise GraphError(f"{graph.source or graph.name}: {problem[0]}")
     # the recipe's training options are its own mechanism's: another mechanism chosen explicitly

@@ -31,14 +31,14 @@ weights (so DistributedDataParallel sees one forward). The discriminator never s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from cfedit.image.augment import shift_by
-from cfedit.image.editor import MaskedEditor
+from cfedit.image.editor import MaskedEditor, gate_opening
 from cfedit.image.losses import AttributeDiscriminator, HeadWeights, MaskedGANLoss, stratum_index
 from cfedit.image.train import _batches, _fit, _init, _options
 
@@ -65,13 +65,14 @@ from cfedit.image.train import _batches, _fit, _init, _options
 # that a fit returns is the moving average of its weights over the steps, with this half-life in steps
 # (0: the last step's weights; see cfedit.image.train.WeightAverage). The training state keeps both.
 # lr_decay_epochs: the learning rate (editor and discriminator) falls linearly to 0 over the run's last
-# this many epochs (0: constant; see cfedit.image.train.lr_scale).
+# this many epochs (0: constant; see cfedit.image.train.lr_scale). diffuse_exclude: factors where a
+# diffuse factor (age, gender) may not draw: its gate leaves out their regions (see focus_regions).
 MASKED_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 2e-4, "beta1": 0.5, "width": 24,
                    "blocks": 2, "head_width": 8, "colour_pool": 2, "delta_bound": 3.0, "colour": "luma",
                    "swap_p": 0.3, "cls_g": 1.0, "cls_d": 1.0, "cycle": 10.0, "mask": 0.1, "smooth": 0.5,
                    "d_width": 32, "d_shift": 2, "d_warmup": 300, "region": 6.0, "cls_balance": True, "cls_strata": False, "gate": 0.5,
                    "d_project": False, "d_local": False, "sparsity": "mask", "keep": 0.0,
-                   "ema_half_life": 0, "lr_decay_epochs": 0, "save_every": 300}
+                   "ema_half_life": 0, "lr_decay_epochs": 0, "diffuse_exclude": [], "save_every": 300}
 
 DIFFUSE_AREA = 0.35  # a factor whose map opens more of the picture than this is diffuse (see focus_regions)
 FLAT_REGION = 0.5  # the map diffuse factors get when no factor is focused (or the gate's value, if higher)
@@ -124,19 +125,27 @@ def attribute_regions(dataset, sizes) -> torch.Tensor:
     return torch.stack(maps).float()
 
 
-def focus_regions(maps: torch.Tensor, gate: float = FLAT_REGION) -> torch.Tensor:
+def focus_regions(maps: torch.Tensor, gate: float = FLAT_REGION, exclude: Sequence[int] = ()) -> torch.Tensor:
     """The maps training uses. A factor whose map is diffuse (at least half of ``gate`` over more than
     DIFFUSE_AREA of the picture) gets instead the union (the per-pixel maximum) of the other, focused
     factors' maps: where the things the factors describe are. On faces the diffuse ones are age and
     gender, whose data maps are mostly background (old celebrities are photographed elsewhere than
     young ones), and the union of hair, eye band, mouth and jaw keeps their edits on the person. When
     no factor is focused, a diffuse one gets a flat map at FLAT_REGION (or ``gate`` if higher): the
-    gate fully open, a middle mask price."""
+    gate fully open, a middle mask price.
+
+    ``exclude``: factors (indices) whose regions the diffuse factors' maps leave out, scaled by
+    1 − the gate's opening over them, so the gate of a diffuse factor is closed wherever theirs is
+    open: an age edit that must keep the smile cannot draw at the mouth."""
     level = (gate if gate > 0 else FLAT_REGION) / 2
     diffuse = (maps >= level).float().mean((1, 2)) > DIFFUSE_AREA
     if bool(diffuse.all()):
-        return torch.full_like(maps, max(FLAT_REGION, gate))
-    union = maps[~diffuse].amax(0)
+        union = torch.full_like(maps[0], max(FLAT_REGION, gate))
+    else:
+        union = maps[~diffuse].amax(0)
+    exclude = [int(j) for j in exclude]
+    if exclude:
+        union = union * (1 - gate_opening(maps[exclude].amax(0), gate if gate > 0 else FLAT_REGION))
     return torch.where(diffuse[:, None, None], union[None].expand_as(maps), maps)
 
 
@@ -192,6 +201,15 @@ def head_weights(dataset, sizes, strata=None) -> HeadWeights:
     return HeadWeights(sizes, strata, tables)
 
 
+def _known_names(graph, names, option: str) -> list[str]:
+    names = list(names)
+    unknown = [n for n in names if n not in graph.names]
+    if unknown:
+        raise ValueError(f"{option} names {unknown[0]!r}, which is no variable of the graph "
+                         f"(variables: {', '.join(graph.names)})")
+    return names
+
+
 def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch.device | str = "cpu",
                         seed: int = 0, progress: Callable | None = None, state: Mapping | None = None,
                         on_epoch: Callable[[dict], None] | None = None, init: Mapping | None = None,
@@ -217,7 +235,8 @@ def train_masked_editor(dataset, graph, epochs: int | None = None, device: torch
                                       project=bool(opts["d_project"]), local=bool(opts["d_local"]))
     if state is not None and "aux" in state:
         disc.load_state_dict(state["aux"])
-    regions = (focus_regions(attribute_regions(dataset, editor.sizes), float(opts["gate"]))
+    exclude = [graph.names.index(n) for n in _known_names(graph, opts["diffuse_exclude"], "diffuse_exclude")]
+    regions = (focus_regions(attribute_regions(dataset, editor.sizes), float(opts["gate"]), exclude)
                if float(opts["region"]) > 0 or float(opts["gate"]) > 0 else None)
     if float(opts["gate"]) > 0 and state is None:  # a resumed editor has its maps in its state already
         editor.set_regions(regions.to(device))

@@ -186,6 +186,9 @@ def test_data_settings_match_the_built_in_scms():
     ("fit: {skip: 1}", "'fit' (mechanism cvae): unknown key 'skip'"),
     ("fit: {mechanism: masked, lr_decay: true}", "'fit' (mechanism masked): unknown key 'lr_decay'"),
     ("reader: {epochs: 0}", "'reader' epochs must be a whole number of at least 1, not 0"),
+    ("fit: {mechanism: masked, diffuse_exclude: [b]}", "'fit' diffuse_exclude names 'b', which is no variable (variables: a)"),
+    ("fit: {mechanism: masked, diffuse_exclude: a}", "'fit' diffuse_exclude must be a list of variable names"),
+    ("fit: {mechanism: masked, diffuse_exclude: [a, a]}", "'fit' diffuse_exclude names a variable twice"),
 ])
 def test_sections_are_checked_at_load_with_file_line_and_key(tmp_path, section, error):
     p = tmp_path / "g.yaml"

@@ -383,6 +383,23 @@ def test_a_diffuse_region_is_replaced_by_the_union_of_the_focused_ones():
     assert (e.gate_map(torch.tensor([[True]])) == 1).all()
 
 
+def test_a_diffuse_factor_leaves_out_the_regions_of_the_factors_it_must_not_draw():
+    from cfedit.image.masked_training import focus_regions
+
+    maps = torch.zeros(3, 10, 10)
+    maps[0, :2] = 1.0  # hair: rows 0-1
+    maps[1, 5:7] = 1.0  # mouth: rows 5-6 ...
+    maps[1, 7] = 0.375  # ... and a half-open row under it (gate 0.5: open 0.5 there)
+    maps[2, :8] = 0.9  # diffuse
+    out = focus_regions(maps, 0.5, exclude=[1])
+    assert torch.equal(out[:2], maps[:2])  # the focused factors keep their own maps
+    expect = torch.maximum(maps[0], maps[1])
+    expect[5:7] = 0.0  # closed where the mouth's gate is fully open ...
+    expect[7] = 0.375 * 0.5  # ... and scaled by 1 - its opening where it is half open
+    assert torch.allclose(out[2], expect)
+    assert torch.equal(focus_regions(maps, 0.5, exclude=[]), focus_regions(maps, 0.5))
+
+
 def test_the_gate_confines_an_edit_to_the_changed_factors_regions():
     e = MaskedEditor(["color", "big"], [2, 2], channels=3, size=16, width=8, blocks=1, gate=0.5).eval()
     regions = torch.zeros(2, 16, 16)
@@ -416,6 +433,18 @@ def test_a_gated_editor_trains_its_maps_from_the_data_and_warm_starts_from_an_un
     gated, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=1, gate=0.5, init=plain.state_dict(), **TINY)
     assert gated.gate == 0.5
     assert torch.allclose(gated.regions, focus_regions(attribute_regions(ds, [2, 2]), 0.5))
+
+
+def test_a_trained_editor_keeps_a_diffuse_factor_out_of_the_excluded_regions():
+    from cfedit.image.masked_training import attribute_regions, focus_regions
+
+    ds = Squares(64, seed=4)
+    e, _ = train_masked_editor(ds, ds.graph, epochs=1, seed=1, gate=0.5, diffuse_exclude=["color"], **TINY)
+    maps = attribute_regions(ds, [2, 2])
+    assert torch.allclose(e.regions, focus_regions(maps, 0.5, exclude=[0]))
+    assert not torch.allclose(e.regions, focus_regions(maps, 0.5))  # here both factors are diffuse
+    with pytest.raises(ValueError, match="diffuse_exclude names 'colour', which is no variable"):
+        train_masked_editor(ds, ds.graph, epochs=1, seed=1, gate=0.5, diffuse_exclude=["colour"], **TINY)
 
 
 def test_an_editor_trains_with_its_heads_balanced_within_strata(monkeypatch):
