@@ -136,7 +136,7 @@ def focus_regions(maps: torch.Tensor, gate: float = FLAT_REGION, exclude: Sequen
 
     ``exclude``: factors (indices) whose regions the diffuse factors' maps leave out, scaled by
     1 − the gate's opening over them, so the gate of a diffuse factor is closed wherever theirs is
-    open: an age edit that must keep the smile cannot draw at the mouth."""
+    fully open: an age edit that must keep the smile cannot draw at the mouth."""
     level = (gate if gate > 0 else FLAT_REGION) / 2
     diffuse = (maps >= level).float().mean((1, 2)) > DIFFUSE_AREA
     if bool(diffuse.all()):
@@ -202,6 +202,8 @@ def head_weights(dataset, sizes, strata=None) -> HeadWeights:
 
 
 def _known_names(graph, names, option: str) -> list[str]:
+    if isinstance(names, str):
+        raise ValueError(f"{option} must be a list of variable names, such as [{names}], not a word")
     names = list(names)
     unknown = [n for n in names if n not in graph.names]
     if unknown:

@@ -445,6 +445,8 @@ def test_a_trained_editor_keeps_a_diffuse_factor_out_of_the_excluded_regions():
     assert not torch.allclose(e.regions, focus_regions(maps, 0.5))  # here both factors are diffuse
     with pytest.raises(ValueError, match="diffuse_exclude names 'colour', which is no variable"):
         train_masked_editor(ds, ds.graph, epochs=1, seed=1, gate=0.5, diffuse_exclude=["colour"], **TINY)
+    with pytest.raises(ValueError, match="must be a list of variable names"):
+        train_masked_editor(ds, ds.graph, epochs=1, seed=1, gate=0.5, diffuse_exclude="color", **TINY)
 
 
 def test_an_editor_trains_with_its_heads_balanced_within_strata(monkeypatch):
