@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from cfedit.causal.recipes import NAMES, option_problem
 from cfedit.image.augment import shift_by
 from cfedit.image.editor import MaskedEditor, gate_opening
 from cfedit.image.losses import AttributeDiscriminator, HeadWeights, MaskedGANLoss, stratum_index
@@ -137,15 +138,15 @@ def focus_regions(maps: torch.Tensor, gate: float = FLAT_REGION, exclude: Sequen
     ``exclude``: factors (indices) whose regions the diffuse factors' maps leave out, scaled by
     1 − the gate's opening over them, so the gate of a diffuse factor is closed wherever theirs is
     fully open: an age edit that must keep the smile cannot draw at the mouth."""
-    level = (gate if gate > 0 else FLAT_REGION) / 2
-    diffuse = (maps >= level).float().mean((1, 2)) > DIFFUSE_AREA
+    opens_at = gate if gate > 0 else FLAT_REGION
+    diffuse = (maps >= opens_at / 2).float().mean((1, 2)) > DIFFUSE_AREA
     if bool(diffuse.all()):
         union = torch.full_like(maps[0], max(FLAT_REGION, gate))
     else:
         union = maps[~diffuse].amax(0)
     exclude = [int(j) for j in exclude]
     if exclude:
-        union = union * (1 - gate_opening(maps[exclude].amax(0), gate if gate > 0 else FLAT_REGION))
+        union = union * (1 - gate_opening(maps[exclude].amax(0), opens_at))
     return torch.where(diffuse[:, None, None], union[None].expand_as(maps), maps)
 
 
@@ -202,13 +203,12 @@ def head_weights(dataset, sizes, strata=None) -> HeadWeights:
 
 
 def _known_names(graph, names, option: str) -> list[str]:
-    if isinstance(names, str):
-        raise ValueError(f"{option} must be a list of variable names, such as [{names}], not a word")
-    names = list(names)
-    unknown = [n for n in names if n not in graph.names]
-    if unknown:
-        raise ValueError(f"{option} names {unknown[0]!r}, which is no variable of the graph "
-                         f"(variables: {', '.join(graph.names)})")
+    """``names`` (a list or tuple of the graph's variable names) as a list, checked by the recipe
+    schema's own check; a bad one is a ValueError naming the option."""
+    names = list(names) if isinstance(names, (list, tuple)) else names
+    problem = option_problem(NAMES, names, graph.names)
+    if problem:
+        raise ValueError(f"{option} {problem}")
     return names
 
 
